@@ -1,0 +1,1 @@
+"""Recipes for tiny random-weight checkpoints of real architectures (tests, demo, benchmarks)."""

@@ -1,0 +1,175 @@
+"""Configuration: load YAML, validate against the workflow schema, fill in defaults.
+
+The schema in ``workflow/schemas/config.schema.yaml`` is the single source of truth; the
+Snakefile validates with the same file. Errors name the key path, the offending value and
+what is allowed, and suggest the closest key for typos.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user has to fix; the message says what and how."""
+
+
+def load_schema() -> dict:
+    with open(SCHEMA_PATH, encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+def _resolve(schema: dict, root: dict) -> dict:
+    ref = schema.get("$ref")
+    if ref:
+        node: Any = root
+        for part in ref.lstrip("#/").split("/"):
+            node = node[part]
+        merged = dict(node)
+        merged.update({k: v for k, v in schema.items() if k != "$ref"})
+        return merged
+    return schema
+
+
+def _fill_defaults(instance: Any, schema: dict, root: dict) -> None:
+    schema = _resolve(schema, root)
+    if not isinstance(instance, dict):
+        return
+    for key, sub in schema.get("properties", {}).items():
+        sub = _resolve(sub, root)
+        if key not in instance and "default" in sub:
+            instance[key] = copy.deepcopy(sub["default"])
+        if key in instance:
+            _fill_defaults(instance[key], sub, root)
+
+
+def _path(err: jsonschema.ValidationError) -> str:
+    parts = [str(p) for p in err.absolute_path]
+    return ".".join(parts) if parts else "<top level>"
+
+
+def _describe(err: jsonschema.ValidationError, schema_root: dict) -> str:
+    where = _path(err)
+    if err.validator == "additionalProperties":
+        allowed = sorted(err.schema.get("properties", {}))
+        extra = sorted(set(err.instance) - set(allowed))
+        lines = []
+        for key in extra:
+            full = f"{where}.{key}" if where != "<top level>" else key
+            guess = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" Did you mean '{guess[0]}'?" if guess else ""
+            lines.append(f"unknown key '{full}'.{hint} Allowed keys here: {', '.join(allowed)}.")
+        return " ".join(lines)
+    if err.validator == "enum":
+        return f"{where}: {err.instance!r} is not allowed; choose one of {err.validator_value}."
+    if err.validator == "type":
+        want = err.validator_value
+        want = " or ".join(want) if isinstance(want, list) else want
+        return f"{where}: {err.instance!r} has the wrong type; expected {want}."
+    if err.validator in ("minimum", "exclusiveMinimum"):
+        op = ">=" if err.validator == "minimum" else ">"
+        return f"{where}: {err.instance!r} is too small; it must be {op} {err.validator_value}."
+    if err.validator == "required":
+        return f"{where}: {err.message}; add it to the config."
+    return f"{where}: {err.message}"
+
+
+def validate_config(raw: dict | None, *, source: str = "config") -> dict:
+    """Validate ``raw`` against the schema and return a copy with every default filled in."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}.")
+    schema = load_schema()
+    cfg = copy.deepcopy(raw)
+    validator_cls = jsonschema.validators.validator_for(schema)
+    validator = validator_cls(schema)
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if errors:
+        msgs = [_describe(e, schema) for e in errors]
+        raise ConfigError(f"invalid {source}:\n  - " + "\n  - ".join(dict.fromkeys(msgs)))
+    _fill_defaults(cfg, schema, schema)
+    return cfg
+
+
+def load_config(path: str | Path) -> dict:
+    """Read a YAML (or JSON) config file and validate it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist; pass the path of a YAML config (see config/README.md).")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+    return validate_config(raw, source=f"config file {p}")
+
+
+def sanitize_split(name: str) -> str:
+    """The split name for a model name: every non-word character becomes ``_``."""
+    return re.sub(r"\W", "_", name)
+
+
+def split_name(cfg: dict) -> str:
+    name = cfg["output"].get("split_name") or sanitize_split(cfg["model"]["name"])
+    if not re.fullmatch(r"\w+(\.\w+)*", name):
+        raise ConfigError(
+            f"output.split_name: {name!r} is not a valid split name for datasets "
+            "(letters, digits, _ and inner dots only); set output.split_name."
+        )
+    return name
+
+
+def data_root(cfg: dict) -> Path:
+    root = cfg["output"].get("data_root")
+    if root:
+        return Path(root)
+    repo = cfg["output"].get("hf_repo_id")
+    name = repo.split("/")[-1] if repo else split_name(cfg)
+    return Path("data") / name
+
+
+def tokenizer_name(cfg: dict) -> str:
+    return cfg["tokenizer"].get("name") or cfg["model"]["name"]
+
+
+def sampling_settings(cfg: dict) -> dict:
+    """The settings that decide which tokens are captured and how they are bucketed.
+
+    They are recorded per split; appending with different values is refused unless forced.
+    """
+    cap = cfg["capture"]
+    return {
+        "type": cap["sampler"]["type"],
+        "base_rate": float(cap["sampler"]["base_rate"]),
+        "seed": int(cap["sampler"]["seed"]),
+        "per_head": bool(cap["sampler"]["per_head"]),
+        "min_bucket_size": int(cap["min_bucket_size"]),
+        "capture_pre_rope": bool(cap["capture_pre_rope"]),
+        "max_length": int(cfg["tokenizer"]["max_length"]),
+    }
+
+
+def chunk_fingerprint(cfg: dict) -> str:
+    """Hash of everything that changes the rows a chunk produces (not batch size or padding side)."""
+    relevant = {
+        "dataset": cfg["dataset"],
+        "model": cfg["model"],
+        "tokenizer": {k: cfg["tokenizer"][k] for k in ("name", "revision", "max_length")},
+        "capture": cfg["capture"],
+        "split": split_name(cfg),
+        "num_chunks": cfg["workflow"]["num_chunks"],
+    }
+    blob = json.dumps(relevant, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,135 @@
+"""Source dataset: loading through ``datasets.load_dataset``, contiguous shards, tokenization."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import ConfigError
+from .sampling import string_example_id
+
+
+@dataclass
+class Shard:
+    """One contiguous shard of the (possibly ``max_samples``-truncated) split."""
+
+    chunk: int
+    num_chunks: int
+    start: int  # global row index of the first example
+    stop: int
+    total: int  # rows in the split after max_samples
+    texts: list = field(default_factory=list)
+    example_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+
+def shard_bounds(total: int, chunk: int, num_chunks: int) -> tuple[int, int]:
+    """Rows [start, stop) of shard ``chunk`` of ``num_chunks`` (contiguous, sizes differ by at most one)."""
+    return chunk * total // num_chunks, (chunk + 1) * total // num_chunks
+
+
+def load_split(cfg: dict):
+    import datasets
+
+    d = cfg["dataset"]
+    kwargs = {"split": d["split"]}
+    if d.get("name"):
+        kwargs["name"] = d["name"]
+    if d.get("data_files") is not None:
+        kwargs["data_files"] = d["data_files"]
+    if d.get("revision"):
+        kwargs["revision"] = d["revision"]
+    try:
+        ds = datasets.load_dataset(d["path"], **kwargs)
+    except ValueError as exc:
+        msg = str(exc)
+        if "split" in msg.lower() or "Unknown split" in msg:
+            raise ConfigError(f"dataset.split: {d['split']!r} is not a split of {d['path']!r}: {msg}") from exc
+        raise ConfigError(f"dataset: could not load {d['path']!r}: {msg}") from exc
+    except FileNotFoundError as exc:
+        raise ConfigError(f"dataset.path/data_files: {exc}; check the path (relative to the working directory)") from exc
+    col = d["text_column"]
+    if col not in ds.column_names:
+        raise ConfigError(
+            f"dataset.text_column: column {col!r} is not in {d['path']!r} (columns: {', '.join(ds.column_names)}); "
+            "set dataset.text_column to one of them"
+        )
+    if d.get("id_column") and d["id_column"] not in ds.column_names:
+        raise ConfigError(
+            f"dataset.id_column: column {d['id_column']!r} is not in {d['path']!r} "
+            f"(columns: {', '.join(ds.column_names)})"
+        )
+    if d.get("max_samples") is not None and d["max_samples"] < len(ds):
+        ds = ds.select(range(d["max_samples"]))
+    return ds
+
+
+def example_ids_for(values, start: int, stop: int) -> np.ndarray:
+    """Row indices, or the id column's values (integers as they are, strings hashed to 63 bits)."""
+    if values is None:
+        return np.arange(start, stop, dtype=np.int64)
+    out = np.empty(len(values), dtype=np.int64)
+    for i, v in enumerate(values):
+        if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+            out[i] = int(v)
+        elif isinstance(v, str):
+            out[i] = string_example_id(v)
+        else:
+            raise ConfigError(f"dataset.id_column: value {v!r} at row {start + i} is neither an integer nor a string")
+    return out
+
+
+def load_shard(cfg: dict, chunk: int, num_chunks: int) -> Shard:
+    if not 0 <= chunk < num_chunks:
+        raise ConfigError(f"chunk {chunk} is out of range for workflow.num_chunks={num_chunks} (use 0..{num_chunks - 1})")
+    ds = load_split(cfg)
+    total = len(ds)
+    start, stop = shard_bounds(total, chunk, num_chunks)
+    part = ds.select(range(start, stop))
+    texts = part[cfg["dataset"]["text_column"]] if stop > start else []
+    id_col = cfg["dataset"].get("id_column")
+    ids = example_ids_for(part[id_col] if (id_col and stop > start) else None, start, stop)
+    return Shard(chunk=chunk, num_chunks=num_chunks, start=start, stop=stop, total=total, texts=list(texts), example_ids=ids)
+
+
+@dataclass
+class Tokenized:
+    ids: list  # list of 1-D int arrays (unpadded, truncated)
+    example_ids: np.ndarray
+    skipped_empty: int
+    skipped_invalid: int
+
+
+def tokenize_shard(shard: Shard, tokenizer, max_length: int) -> Tokenized:
+    """Tokenize with truncation; empty or non-text rows are skipped and counted."""
+    keep_texts, keep_ids = [], []
+    empty = invalid = 0
+    for text, eid in zip(shard.texts, shard.example_ids):
+        if not isinstance(text, str):
+            invalid += 1
+            continue
+        if not text.strip():
+            empty += 1
+            continue
+        keep_texts.append(text)
+        keep_ids.append(eid)
+    seqs: list = []
+    if keep_texts:
+        enc = tokenizer(keep_texts, truncation=True, max_length=max_length, add_special_tokens=True)
+        seqs = [np.asarray(x, dtype=np.int64) for x in enc["input_ids"]]
+    # a text whose tokenization is empty carries nothing to capture
+    out_ids, out_eids = [], []
+    for s, e in zip(seqs, keep_ids):
+        if len(s) == 0:
+            empty += 1
+            continue
+        out_ids.append(s)
+        out_eids.append(e)
+    return Tokenized(ids=out_ids, example_ids=np.asarray(out_eids, dtype=np.int64), skipped_empty=empty,
+                     skipped_invalid=invalid)
+
+
+def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Indices grouped into batches of similar length (longest first, so memory peaks early)."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]

@@ -1,0 +1,73 @@
+"""Paths and names of the data root (DESIGN.md sections 2 and 3)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+CONFIG_RE = re.compile(r"^l(\d{2,})h(\d{2,})([qk])$")
+
+
+def config_name(layer: int, head: int, kind: str, n_layers: int = 0, n_heads: int = 0) -> str:
+    """``lLLhHH`` + q/k, two digits at least, three where the model has more than 99 layers/heads."""
+    lw = max(2, len(str(max(n_layers - 1, 0))))
+    hw = max(2, len(str(max(n_heads - 1, 0))))
+    return f"l{layer:0{lw}d}h{head:0{hw}d}{kind}"
+
+
+def parse_config_name(name: str) -> tuple[int, int, str] | None:
+    m = CONFIG_RE.match(name)
+    if not m:
+        return None
+    return int(m.group(1)), int(m.group(2)), m.group(3)
+
+
+def final_dir(root: Path) -> Path:
+    return Path(root) / "final"
+
+
+def staging_dir(root: Path) -> Path:
+    return Path(root) / "staging"
+
+
+def chunk_dir(root: Path, chunk: int) -> Path:
+    return staging_dir(root) / f"chunk-{chunk}"
+
+
+def manifest_path(root: Path, chunk: int) -> Path:
+    return chunk_dir(root, chunk) / "manifest.json"
+
+
+def data_file(base: Path, split: str, config: str) -> Path:
+    """``<base>/data/<split>/<config>/data.parquet`` (same shape in staging chunks and final/)."""
+    return Path(base) / "data" / split / config / "data.parquet"
+
+
+def tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file next to ``path`` and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
