@@ -20,8 +20,8 @@ the device. Gathered tensors are copied to the host once per batch, after the fo
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from .sampling import KIND_CODE, SHARED_HEAD, BatchTokens, SamplerSpec
 
 CAPTURE_PREFIX = "qk_sniffer_"
 
-_GLOBAL: dict[str, "Sniffer | None"] = {"active": None}
+_GLOBAL: dict[str, Sniffer | None] = {"active": None}
 
 
 class StopForward(Exception):
@@ -41,12 +41,12 @@ class UnsupportedModelError(RuntimeError):
     pass
 
 
-def get_active_sniffer() -> "Sniffer | None":
+def get_active_sniffer() -> Sniffer | None:
     """The sniffer that attention code should hand its states to, or None when not capturing."""
     return _GLOBAL["active"]
 
 
-def set_active_sniffer(sniffer: "Sniffer | None") -> None:
+def set_active_sniffer(sniffer: Sniffer | None) -> None:
     _GLOBAL["active"] = sniffer
 
 
@@ -108,7 +108,7 @@ class LayerPlan:
     size: int = 0
     _moved: dict = field(default_factory=dict)
 
-    def on(self, device: torch.device) -> "LayerPlan":
+    def on(self, device: torch.device) -> LayerPlan:
         """This plan with its index tensors on ``device`` (models spread over several GPUs)."""
         if self.rows.device == device:
             return self
@@ -149,9 +149,10 @@ class Sniffer:
         self._deferred_ids: np.ndarray | None = None
         self._hooks: list = []
         self._seen_layers: set[int] = set()
+        self.seq_len = 0
 
     # -- activation ---------------------------------------------------------------------------
-    def activate(self) -> "Sniffer":
+    def activate(self) -> Sniffer:
         set_active_sniffer(self)
         return self
 
@@ -159,7 +160,7 @@ class Sniffer:
         if get_active_sniffer() is self:
             set_active_sniffer(None)
 
-    def __enter__(self) -> "Sniffer":
+    def __enter__(self) -> Sniffer:
         return self.activate()
 
     def __exit__(self, *exc) -> None:
@@ -204,6 +205,7 @@ class Sniffer:
         self._token_ids = token_ids
         tokens = BatchTokens(example_ids, lengths, offsets, self.spec.sampler)
         self._tokens = tokens
+        self.seq_len = int((tokens.offsets + tokens.lengths).max()) if len(tokens.lengths) else 0
         plans = {}
         dev = self.device
         for layer in self.spec.layers:
@@ -302,7 +304,7 @@ def _raise_stop(module, args, output):
 
 # -- pre-RoPE hooks ----------------------------------------------------------------------------
 
-def _to_bhsd(t: torch.Tensor, head_dim: int, batch: int, seq: int) -> torch.Tensor:
+def _to_bhsd(t: torch.Tensor, head_dim: int, seq: int) -> torch.Tensor:
     """Bring a projection/norm output to ``[batch, heads, seq, head_dim]``."""
     if t.dim() == 3:  # [B, S, H*D]
         return t.view(t.shape[0], t.shape[1], -1, head_dim).transpose(1, 2)
@@ -323,17 +325,11 @@ def _pre_rope_hooks(sniffer: Sniffer, layer: int, attn: torch.nn.Module) -> list
 
     def make(kind: str):
         def hook(module, args, output):
-            x = args[0] if args else None
             out = output[0] if isinstance(output, tuple) else output
-            batch = out.shape[0]
-            seq = x.shape[-2] if (x is not None and x.dim() == 3) else None
-            if seq is None:
-                seq = out.shape[1] if out.dim() == 3 else None
             if fused_split is not None:
                 q_size, k_size = fused_split
                 out = out[..., :q_size] if kind == "q" else out[..., q_size:q_size + k_size]
-            states = _to_bhsd(out, head_dim, batch, seq if seq is not None else out.shape[-2])
-            sniffer._gather(layer, kind, states, window)
+            sniffer._gather(layer, kind, _to_bhsd(out, head_dim, sniffer.seq_len), window)
         return hook
 
     fused_split = None

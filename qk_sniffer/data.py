@@ -48,6 +48,8 @@ def load_split(cfg: dict):
         raise ConfigError(f"dataset: could not load {d['path']!r}: {msg}") from exc
     except FileNotFoundError as exc:
         raise ConfigError(f"dataset.path/data_files: {exc}; check the path (relative to the working directory)") from exc
+    except StopIteration as exc:  # what the json builder raises for an empty file
+        raise ConfigError(f"dataset: {d['path']!r} {d.get('data_files') or ''} has no rows") from exc
     col = d["text_column"]
     if col not in ds.column_names:
         raise ConfigError(

@@ -107,7 +107,7 @@ class SamplerSpec:
     min_bucket_size: int = 128
 
     @classmethod
-    def from_config(cls, cfg: dict) -> "SamplerSpec":
+    def from_config(cls, cfg: dict) -> SamplerSpec:
         s = cfg["capture"]["sampler"]
         return cls(
             type=s["type"],
@@ -180,5 +180,5 @@ class BatchTokens:
 
 def expected_kept(length: int, spec: SamplerSpec) -> float:
     """Expected number of kept tokens for one sequence of ``length`` tokens."""
-    pos = np.arange(length)
-    return float(keep_probability(bucket_of(pos, spec.type, spec.min_bucket_size), spec.type, spec.base_rate, spec.min_bucket_size).sum())
+    buckets = bucket_of(np.arange(length), spec.type, spec.min_bucket_size)
+    return float(keep_probability(buckets, spec.type, spec.base_rate, spec.min_bucket_size).sum())

@@ -83,7 +83,7 @@ class ChunkWriter:
         self._queue.put(_DONE)
         self._thread.join()
         self._check()
-        for name, writer in self._writers.items():
+        for writer in self._writers.values():
             writer.close()
         for name, tmp in self._tmp.items():
             os.replace(tmp, data_file(self.out_dir, self.split, name))

@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny real-architecture checkpoints, the demo corpus, configs in tmp dirs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from qk_sniffer.config import validate_config
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_LLAMA = REPO / "models" / "tiny" / "llama"
+CORPUS = REPO / "config" / "demo" / "corpus.jsonl"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Build (once per session) tiny checkpoints of several architectures; returns arch -> path."""
+    from models.tiny.recipes import build_model, build_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    tok = build_tokenizer(root / "tokenizer")
+    cache: dict[str, Path] = {"llama": TINY_LLAMA}
+
+    def get(arch: str) -> Path:
+        if arch not in cache:
+            cache[arch] = build_model(arch, root / arch, tokenizer=tok, seed=1)
+        return cache[arch]
+
+    return get
+
+
+def write_corpus(path: Path, texts: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for i, t in enumerate(texts):
+            fh.write(json.dumps({"doc_id": f"doc-{i:05d}", "text": t}) + "\n")
+    return path
+
+
+def base_config(data_root: Path, *, model_dir: Path = TINY_LLAMA, corpus: Path = CORPUS, **sections) -> dict:
+    """A validated config over the demo corpus and a tiny model, writing under ``data_root``.
+
+    ``sections`` update the raw config section by section, e.g. ``capture={"layers": [0]}``.
+    """
+    raw = {
+        "dataset": {"path": "json", "data_files": str(corpus), "split": "train", "max_samples": 40},
+        "model": {"name": str(model_dir)},
+        "tokenizer": {"max_length": 96},
+        "inference": {"batch_size": 8},
+        "capture": {"min_bucket_size": 8, "sampler": {"type": "log_uniform", "base_rate": 2.0}},
+        "output": {"data_root": str(data_root), "split_name": "tiny"},
+        "workflow": {"num_chunks": 1},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            merged = copy.deepcopy(raw.get(key, {}))
+            for k, v in value.items():
+                if isinstance(v, dict) and isinstance(merged.get(k), dict):
+                    merged[k] = {**merged[k], **v}
+                else:
+                    merged[k] = v
+            raw[key] = merged
+        else:
+            raw[key] = value
+    return validate_config(raw)
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    def make(**sections):
+        return base_config(tmp_path / "root", **sections)
+
+    return make

@@ -1,0 +1,247 @@
+"""sniff-chunk end to end (in process): staged Parquet files, manifests, invariances, filters, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from qk_sniffer.chunk import run_chunk
+from qk_sniffer.config import ConfigError
+from qk_sniffer.layout import chunk_dir, manifest_path
+from qk_sniffer.sampling import SHARED_HEAD, SamplerSpec, bucket_of, keep_probability, token_u
+
+from .conftest import write_corpus
+
+
+def staged(root, split="tiny") -> dict[str, pl.DataFrame]:
+    """config -> rows of every staged chunk, sorted by key."""
+    out: dict[str, list] = {}
+    for f in sorted(root.glob(f"staging/chunk-*/data/{split}/*/data.parquet")):
+        out.setdefault(f.parent.name, []).append(pl.read_parquet(f))
+    return {k: pl.concat(v).sort(["example_id", "position"]) for k, v in out.items()}
+
+
+def run_all(cfg, n=None):
+    n = n or cfg["workflow"]["num_chunks"]
+    return [run_chunk(cfg, i, n) for i in range(n)]
+
+
+def test_chunk_writes_complete_files_and_manifest_last(make_config):
+    cfg = make_config()
+    m = run_chunk(cfg, 0, 1)
+    root = cfg["output"]["data_root"]
+    from pathlib import Path
+
+    root = Path(root)
+    man = json.loads(manifest_path(root, 0).read_text())
+    assert man == json.loads(json.dumps(m, default=str))
+    assert man["examples"] + man["skipped_empty"] + man["skipped_invalid"] == 40
+    assert man["example_range"] == [0, 40]
+    # 4 layers x (4 query + 2 key heads)
+    assert len(man["rows"]) == 4 * 6 and all(v > 0 for v in man["rows"].values())
+    files = sorted(p.relative_to(chunk_dir(root, 0)).as_posix() for p in chunk_dir(root, 0).rglob("*") if p.is_file())
+    assert "manifest.json" in files and not [f for f in files if "tmp" in f]
+    t = pq.read_table(chunk_dir(root, 0) / "data/tiny/l01h03q/data.parquet")
+    assert t.schema.names == ["bucket", "example_id", "position", "vector", "sliding_window", "layer", "head", "kind"]
+    assert str(t.schema.field("vector").type) == "fixed_size_list<element: float>[16]"
+    assert t.num_rows == man["rows"]["l01h03q"]
+    assert set(t.column("layer").to_pylist()) == {1} and set(t.column("head").to_pylist()) == {3}
+    assert set(t.column("kind").to_pylist()) == {"q"}
+    meta = pq.ParquetFile(chunk_dir(root, 0) / "data/tiny/l01h03q/data.parquet").metadata
+    assert meta.row_group(0).column(0).compression == "ZSTD"
+
+
+def test_sampled_keys_equal_spec(make_config):
+    """The (example_id, position) set of each config is exactly what the frozen function selects."""
+    from transformers import AutoTokenizer
+
+    cfg = make_config(dataset={"max_samples": 12})
+    run_chunk(cfg, 0, 1)
+    from pathlib import Path
+
+    got = staged(Path(cfg["output"]["data_root"]))
+    tok = AutoTokenizer.from_pretrained(cfg["model"]["name"])
+    texts = [json.loads(line)["text"] for line in open(cfg["dataset"]["data_files"])][:12]
+    spec = SamplerSpec.from_config(cfg)
+    for name, layer, kind in [("l00h00q", 0, 0), ("l02h01k", 2, 1), ("l03h03q", 3, 0)]:
+        expect = set()
+        for eid, text in enumerate(texts):
+            if not text.strip():
+                continue
+            n = len(tok(text, truncation=True, max_length=96)["input_ids"])
+            pos = np.arange(n)
+            p = keep_probability(bucket_of(pos, spec.type, spec.min_bucket_size), spec.type, spec.base_rate, spec.min_bucket_size)
+            expect |= {(eid, int(i)) for i in pos if token_u(spec.seed, eid, layer, SHARED_HEAD, kind, int(i)) < p[i]}
+        df = got[name]
+        assert set(zip(df["example_id"].to_list(), df["position"].to_list())) == expect
+        assert df["bucket"].to_list() == bucket_of(df["position"].to_numpy(), spec.type, spec.min_bucket_size).tolist()
+
+
+def _vectors_equal(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        x, y = a[name], b[name]
+        assert x.select(["example_id", "position", "bucket", "layer", "head", "kind"]).equals(
+            y.select(["example_id", "position", "bucket", "layer", "head", "kind"])
+        ), name
+        vx, vy = np.stack(x["vector"].to_numpy()), np.stack(y["vector"].to_numpy())
+        assert np.abs(vx - vy).max() <= atol, name
+
+
+def test_identical_output_for_batch_sizes_chunks_and_padding_side(tmp_path):
+    from .conftest import base_config
+
+    runs = {}
+    for label, batch, chunks, side in [("b1", 1, 1, "right"), ("b3", 3, 1, "right"), ("b8", 8, 4, "left"),
+                                       ("c4", 3, 4, "right")]:
+        cfg = base_config(tmp_path / label, inference={"batch_size": batch}, tokenizer={"padding": side},
+                          workflow={"num_chunks": chunks}, dataset={"max_samples": 24})
+        run_all(cfg)
+        runs[label] = staged(tmp_path / label)
+    # same keys exactly; vectors equal up to float32 reduction-order noise of differently shaped batches
+    for label in ("b3", "b8", "c4"):
+        _vectors_equal(runs["b1"], runs[label], atol=1e-5)
+
+
+def test_layer_head_filters_and_gqa_key_heads(make_config):
+    from pathlib import Path
+
+    cfg = make_config(capture={"layers": [-1, 1], "heads": [3]})
+    run_chunk(cfg, 0, 1)
+    names = set(staged(Path(cfg["output"]["data_root"])))
+    # query head 3 reads key/value head 1 (4 query heads share 2 kv heads)
+    assert names == {"l01h03q", "l01h01k", "l03h03q", "l03h01k"}
+
+
+def test_full_attention_only_float16_and_all_sampler(tiny_models, make_config):
+    from pathlib import Path
+
+    cfg = make_config(
+        model={"name": str(tiny_models("gemma3"))},
+        capture={"full_attention_only": True, "vector_dtype": "float16", "capture_keys": False,
+                 "sampler": {"type": "all"}},
+        dataset={"max_samples": 6},
+    )
+    man = run_chunk(cfg, 0, 1)
+    got = staged(Path(cfg["output"]["data_root"]))
+    assert {n[:3] for n in got} == {"l01", "l03"} and all(n.endswith("q") for n in got)
+    t = pq.read_table(next(Path(cfg["output"]["data_root"]).glob("staging/chunk-0/data/tiny/l01h00q/data.parquet")))
+    assert str(t.schema.field("vector").type) == "fixed_size_list<element: halffloat>[16]"
+    assert t.column("sliding_window").null_count == t.num_rows
+    assert got["l01h00q"].height == man["tokens"]  # the all sampler keeps every token
+    assert man["model"]["layer_windows"] == [4, None, 4, None]
+
+
+def test_sliding_window_column_and_per_head(tiny_models, make_config):
+    from pathlib import Path
+
+    cfg = make_config(model={"name": str(tiny_models("gemma3"))}, capture={"sampler": {"per_head": True}},
+                      dataset={"max_samples": 8})
+    run_chunk(cfg, 0, 1)
+    got = staged(Path(cfg["output"]["data_root"]))
+    assert set(got["l00h00q"]["sliding_window"].to_list()) == {4}
+    assert got["l01h00q"]["sliding_window"].null_count() == got["l01h00q"].height
+    a = set(zip(got["l00h00q"]["example_id"], got["l00h00q"]["position"]))
+    b = set(zip(got["l00h01q"]["example_id"], got["l00h01q"]["position"]))
+    assert a != b  # per-head sampling draws different positions per head
+
+
+def test_token_strings(make_config):
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    cfg = make_config(capture={"capture_token_strings": True, "sampler": {"type": "all"}}, dataset={"max_samples": 3})
+    run_chunk(cfg, 0, 1)
+    df = staged(Path(cfg["output"]["data_root"]))["l00h00q"]
+    tok = AutoTokenizer.from_pretrained(cfg["model"]["name"])
+    text = json.loads(open(cfg["dataset"]["data_files"]).readline())["text"]
+    ids = tok(text, truncation=True, max_length=96)["input_ids"]
+    first = df.filter(pl.col("example_id") == 0).sort("position")
+    assert first["token_str"].to_list() == [tok.decode([i]) for i in ids]
+
+
+def test_empty_texts_skipped_and_counted_and_string_ids(tmp_path):
+    from .conftest import base_config
+
+    corpus = write_corpus(tmp_path / "c.jsonl", ["hello world", "", "   ", "another text here", "last"])
+    cfg = base_config(tmp_path / "root", corpus=corpus, dataset={"id_column": "doc_id", "max_samples": None},
+                      capture={"sampler": {"type": "all"}})
+    man = run_chunk(cfg, 0, 1)
+    assert man["examples"] == 3 and man["skipped_empty"] == 2
+    from qk_sniffer.sampling import string_example_id
+
+    got = staged(tmp_path / "root")["l00h00q"]
+    assert set(got["example_id"].to_list()) == {string_example_id(f"doc-{i:05d}") for i in (0, 3, 4)}
+
+
+def test_more_chunks_than_examples_gives_empty_recorded_chunks(tmp_path):
+    from .conftest import base_config
+
+    corpus = write_corpus(tmp_path / "c.jsonl", ["one text", "two texts"])
+    cfg = base_config(tmp_path / "root", corpus=corpus, dataset={"max_samples": None}, workflow={"num_chunks": 4})
+    mans = run_all(cfg)
+    assert [m["example_range"] for m in mans] == [[0, 0], [0, 1], [1, 1], [1, 2]]
+    assert [m["examples"] for m in mans] == [0, 1, 0, 1]
+    assert all(manifest_path(tmp_path / "root", i).is_file() for i in range(4))
+
+
+def test_rerun_replaces_a_partial_chunk(make_config):
+    from pathlib import Path
+
+    cfg = make_config(dataset={"max_samples": 6})
+    root = Path(cfg["output"]["data_root"])
+    stray = chunk_dir(root, 0) / "data/tiny/l00h00q/.data.parquet.tmp-1"
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"half a file")
+    run_chunk(cfg, 0, 1)
+    assert not stray.exists() and manifest_path(root, 0).is_file()
+
+
+def test_failed_write_leaves_no_manifest(make_config, monkeypatch):
+    """A write error (e.g. disk full) fails the chunk: no manifest, no file under its final name."""
+    from pathlib import Path
+
+    import qk_sniffer.writer as writer
+
+    cfg = make_config(dataset={"max_samples": 6})
+    root = Path(cfg["output"]["data_root"])
+
+    def boom(self, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer.pq.ParquetWriter, "write_table", boom)
+    with pytest.raises(RuntimeError, match="No space left"):
+        run_chunk(cfg, 0, 1)
+    assert not manifest_path(root, 0).exists()
+    assert not list(root.glob("staging/chunk-0/**/data.parquet"))
+
+
+@pytest.mark.parametrize(
+    "sections,match",
+    [
+        ({"capture": {"heads": [9]}}, r"capture.heads: head 9 is out of range; the model has 4 query heads"),
+        ({"capture": {"layers": [4]}}, r"capture.layers: layer 4 is out of range; the model has 4 layers"),
+        ({"dataset": {"text_column": "body"}}, r"dataset.text_column: column 'body' is not in 'json' \(columns: doc_id, text\)"),
+        ({"dataset": {"split": "validation"}}, r"dataset.split: 'validation'"),
+        ({"model": {"name": "./no/such/model"}}, r"model.name: './no/such/model' looks like a local path but does not exist"),
+    ],
+)
+def test_clear_errors(make_config, sections, match):
+    cfg = make_config(**sections)
+    with pytest.raises(ConfigError, match=match):
+        run_chunk(cfg, 0, 1)
+
+
+def test_empty_dataset_is_an_error(tmp_path):
+    from .conftest import base_config
+
+    corpus = write_corpus(tmp_path / "empty.jsonl", [])
+    cfg = base_config(tmp_path / "root", corpus=corpus, dataset={"max_samples": None})
+    with pytest.raises(ConfigError, match=r"has no rows"):
+        run_chunk(cfg, 0, 1)
+    assert not (tmp_path / "root" / "staging" / "chunk-0" / "manifest.json").exists()
