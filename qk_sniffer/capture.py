@@ -207,13 +207,17 @@ class Sniffer:
         self._tokens = tokens
         self.seq_len = int((tokens.offsets + tokens.lengths).max()) if len(tokens.lengths) else 0
         plans = {}
-        dev = self.device
         for layer in self.spec.layers:
             for kind in self.spec.kinds:
                 heads = self.spec.heads_for(kind)
-                if not heads:
-                    continue
-                plans[(layer, kind)] = _plan(tokens, layer, kind, heads, self.spec.sampler.per_head, dev)
+                if heads:
+                    plans[(layer, kind)] = _plan(tokens, layer, kind, heads, self.spec.sampler.per_head)
+        host = []
+        for plan in plans.values():
+            host += [plan.host_rows, plan.host_cols, plan.row_head if plan.per_head else np.asarray(plan.heads)]
+        dev = to_device(host, self.device)
+        for i, plan in enumerate(plans.values()):
+            plan.rows, plan.cols, plan.head_index = dev[3 * i: 3 * i + 3]
         self._plans = plans
 
     # -- capture (hot path) -------------------------------------------------------------------
@@ -269,31 +273,41 @@ class Sniffer:
         return batch
 
 
-def _plan(tokens: BatchTokens, layer: int, kind: str, heads: list[int], per_head: bool, dev) -> LayerPlan:
+def _plan(tokens: BatchTokens, layer: int, kind: str, heads: list[int], per_head: bool) -> LayerPlan:
+    """Host-side selection of one (layer, kind); device index tensors are attached by the caller."""
     code = KIND_CODE[kind]
     if not per_head:
         sel = tokens.select(layer, SHARED_HEAD, code)
         return LayerPlan(
-            heads=heads, per_head=False,
-            rows=torch.as_tensor(sel.rows, device=dev), cols=torch.as_tensor(sel.cols, device=dev),
-            head_index=torch.as_tensor(np.asarray(heads, dtype=np.int64), device=dev),
+            heads=heads, per_head=False, rows=None, cols=None, head_index=None,
             example_id=sel.example_id, position=sel.position, bucket=sel.bucket,
             host_rows=sel.rows, host_cols=sel.cols, size=len(sel),
         )
     sels = [tokens.select(layer, h, code) for h in heads]
     cat = np.concatenate
     rows = cat([s.rows for s in sels])
-    cols = cat([s.cols for s in sels])
     row_head = cat([np.full(len(s), h, dtype=np.int64) for s, h in zip(sels, heads)])
     return LayerPlan(
-        heads=heads, per_head=True,
-        rows=torch.as_tensor(rows, device=dev),
-        cols=torch.as_tensor(cols, device=dev),
-        head_index=torch.as_tensor(row_head, device=dev),
+        heads=heads, per_head=True, rows=None, cols=None, head_index=None,
         example_id=cat([s.example_id for s in sels]), position=cat([s.position for s in sels]),
-        bucket=cat([s.bucket for s in sels]), host_rows=rows, host_cols=cols, row_head=row_head,
-        size=int(rows.shape[0]),
+        bucket=cat([s.bucket for s in sels]), host_rows=rows, host_cols=cat([s.cols for s in sels]),
+        row_head=row_head, size=int(rows.shape[0]),
     )
+
+
+def to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """Many int64 arrays in one host-to-device transfer.
+
+    On CUDA the host buffer is pinned and the copy is asynchronous, so planning the next batch
+    never waits for the GPU to finish the current one.
+    """
+    sizes = [len(a) for a in arrays]
+    flat = torch.from_numpy(np.concatenate(arrays).astype(np.int64, copy=False) if arrays else np.zeros(0, np.int64))
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    elif device.type != "cpu":
+        flat = flat.to(device)
+    return list(torch.split(flat, sizes))
 
 
 def _raise_stop(module, args, output):

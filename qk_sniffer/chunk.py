@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .capture import CapturedBatch, Sniffer, StopForward
+from .capture import CapturedBatch, Sniffer, StopForward, to_device
 from .config import ConfigError, chunk_fingerprint, data_root, sampling_settings, split_name
 from .data import length_sorted_batches, load_shard, tokenize_shard
 from .layout import atomic_write_json, chunk_dir, config_name, manifest_path
@@ -68,16 +68,13 @@ class Capturer:
         pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
         dev = self.input_device
         self.sniffer.begin_batch(example_ids, lengths, offsets, token_ids=ids)
+        width_shape = ids.shape
+        t_ids, t_mask, t_pos = (t.view(width_shape) for t in to_device([ids.ravel(), mask.ravel(), pos.ravel()], dev))
         ac = (torch.autocast(device_type=dev.type, dtype=self.autocast_dtype)
               if self.autocast_dtype is not None else nullcontext())
         with self.sniffer, torch.inference_mode(), ac:
             try:
-                self.backbone(
-                    input_ids=torch.as_tensor(ids, device=dev),
-                    attention_mask=torch.as_tensor(mask, device=dev),
-                    position_ids=torch.as_tensor(pos, device=dev),
-                    use_cache=False,
-                )
+                self.backbone(input_ids=t_ids, attention_mask=t_mask, position_ids=t_pos, use_cache=False)
             except StopForward:
                 pass
         batch = self.sniffer.end_batch()

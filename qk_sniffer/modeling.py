@@ -110,6 +110,12 @@ def load_model(cfg: dict, device: torch.device):
         setattr(target, key, value)
     model_type = getattr(config, "model_type", "?")
     adapter = has_adapter(model_type)
+    try:
+        cls = AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        cls = None  # remote code or an unknown architecture: checked after loading
+    if cls is not None and not adapter and not getattr(cls, "_supports_attention_backend", False):
+        raise _unsupported(cls.__name__, model_type)
     if adapter:
         patch_modeling_modules()
         attn = mcfg["attn_implementation"]
@@ -124,17 +130,21 @@ def load_model(cfg: dict, device: torch.device):
         kwargs["device_map"] = mcfg["device_map"]
     model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     if not adapter and not getattr(model, "_supports_attention_backend", False):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} does not use transformers' attention interface, and there is no adapter "
-            f"for model_type {model_type!r}. Add one: copy its modeling file to "
-            f"models/{model_type}/modeling_{model_type}.py and call get_active_sniffer().capture(...) in its "
-            "attention forward (see models/README.md)."
-        )
+        raise _unsupported(type(model).__name__, model_type)
     if mcfg.get("device_map") is None:
         model.to(device)
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _unsupported(class_name: str, model_type: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"{class_name} does not use transformers' attention interface, and there is no adapter for model_type "
+        f"{model_type!r}. Add one: copy its modeling file to models/{model_type}/modeling_{model_type}.py and call "
+        "get_active_sniffer().capture(layer_idx, query_states, key_states, positions, sliding_window) in its "
+        "attention forward (see models/README.md)."
+    )
 
 
 def backbone_of(model) -> torch.nn.Module:

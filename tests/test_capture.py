@@ -207,3 +207,55 @@ def test_hand_instrumented_api(make_config):
     assert plan.size == 12 and torch.equal(t, q[plan.rows[:, None], plan.head_index[None, :], plan.cols[:, None]])
     assert set(plan.example_id.tolist()) == {7, 8}
     assert items["k"][1].shape == (12, 2, 16)
+
+
+def test_model_without_attention_interface_gets_a_clear_error(tmp_path, make_config):
+    import transformers
+
+    from qk_sniffer.capture import UnsupportedModelError
+
+    bloom = transformers.AutoModelForCausalLM.from_config(
+        transformers.BloomConfig(vocab_size=600, hidden_size=32, n_layer=2, n_head=4)
+    )
+    bloom.save_pretrained(tmp_path / "bloom")
+    cfg = make_config(model={"name": str(tmp_path / "bloom")})
+    with pytest.raises(UnsupportedModelError, match=r"BloomForCausalLM does not use transformers' attention interface.*"
+                       r"models/bloom/modeling_bloom.py"):
+        load_model(cfg, torch.device("cpu"))
+
+
+def test_patched_modeling_module_is_used(tmp_path):
+    """patch_modeling_modules aliases models/<name>/modeling_<name>.py into transformers."""
+    import importlib
+    import sys
+
+    import transformers.models.llama.modeling_llama as upstream
+
+    import qk_sniffer.modeling as modeling
+    from qk_sniffer import patch_modeling_modules
+
+    src = open(upstream.__file__, encoding="utf-8").read()
+    src = src.replace("from ...", "from transformers.").replace("from ..", "from transformers.models.")
+    src += "\nPATCHED_BY_TEST = True\n"
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "modeling_llama.py").write_text(src)
+    import transformers.models.llama as llama_pkg
+
+    saved = sys.modules["transformers.models.llama.modeling_llama"]
+    saved_attrs = {a: getattr(llama_pkg, a) for a in ("modeling_llama", "LlamaModel", "LlamaForCausalLM", "LlamaPreTrainedModel")}
+    try:
+        assert patch_modeling_modules(tmp_path) == ["llama"]
+        mod = importlib.import_module("transformers.models.llama.modeling_llama")
+        assert getattr(mod, "PATCHED_BY_TEST", False)
+        import transformers
+
+        assert transformers.AutoModelForCausalLM._model_mapping[transformers.LlamaConfig].__module__ == mod.__name__
+        assert modeling.has_adapter("no_such_family") is False
+    finally:
+        sys.modules["transformers.models.llama.modeling_llama"] = saved
+        for a, v in saved_attrs.items():
+            setattr(llama_pkg, a, v)
+        import transformers
+
+        transformers.AutoModelForCausalLM.register(transformers.LlamaConfig, upstream.LlamaForCausalLM, exist_ok=True)
+        transformers.AutoModel.register(transformers.LlamaConfig, upstream.LlamaModel, exist_ok=True)
