@@ -71,7 +71,8 @@ def build_tokenizer(out_dir: str | Path, texts: list[str] | None = None, vocab_s
     return fast
 
 
-def build_model(arch: str, out_dir: str | Path, *, seed: int = 0, tokenizer=None, **overrides) -> Path:
+def build_model(arch: str, out_dir: str | Path, *, seed: int = 0, tokenizer=None, init_std: float = 0.2,
+                dtype: str = "float32", **overrides) -> Path:
     """Save a random-weight ``arch`` checkpoint (and a tokenizer) to ``out_dir``."""
     import torch
     import transformers
@@ -92,12 +93,12 @@ def build_model(arch: str, out_dir: str | Path, *, seed: int = 0, tokenizer=None
     )
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
-    # random init is tiny-scale; widen it so attention patterns are not uniform
+    # the default init is tiny-scale; widen it so attention patterns are not uniform
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
-                p.normal_(0.0, 0.2)
-    model.save_pretrained(str(out))
+                p.normal_(0.0, init_std)
+    model.to(getattr(torch, dtype)).save_pretrained(str(out))
     return out
 
 
