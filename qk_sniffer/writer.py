@@ -182,7 +182,7 @@ class ChunkWriter:
                 final = data_file(self.out_dir, self.split, name)
                 final.parent.mkdir(parents=True, exist_ok=True)
                 tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-                writer = pq.ParquetWriter(tmp, self.schema, compression="zstd")
+                writer = pq.ParquetWriter(tmp, self.schema, compression="zstd", write_page_checksum=True)
                 self._writers[name] = writer
                 self._tmp[name] = tmp
             writer.write_table(pa.Table.from_batches(batches, schema=self.schema))

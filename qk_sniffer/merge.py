@@ -1,0 +1,435 @@
+"""``merge-staging``: replay staged chunks into ``final/`` (DESIGN.md section 6).
+
+Per ``(split, config)`` the final file and the staged chunk files are unioned on
+``(example_id, position)``; rows already in ``final/`` win, and staged rows whose key exists with
+a different vector are counted as conflicts and reported in ``final/.merged.json``. Only files
+whose row set grows are rewritten, each atomically, so a second merge of the same chunks touches
+nothing. Memory is bounded by one config (its final file plus its staged rows) per worker thread
+(``MERGE_WORKERS``, two at most).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import chunk_fingerprint, data_root, sampling_settings, split_name
+from .layout import atomic_write_json, data_file, final_dir, parse_config_name, staging_dir
+
+log = logging.getLogger("qk_sniffer")
+
+KEYS = ["example_id", "position"]
+MERGED_NAME = ".merged.json"
+CHUNK_DIR_RE = re.compile(r"^chunk-(\d+)$")
+ROW_GROUP_BYTES = 64 << 20  # uncompressed bytes per row group: small enough for the Hub viewer, large enough to scan
+CONFLICT_EXAMPLES = 5
+MERGE_WORKERS = min(2, os.cpu_count() or 1)  # configs merged at once: memory holds this many configs, no more
+
+
+class MergeError(ValueError):
+    """Merging would corrupt or mix the dataset; the message names the files and the fix."""
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# -- reading what is on disk ------------------------------------------------------------------
+
+
+def scan_chunks(root: Path) -> tuple[list[tuple[Path, dict]], list[str]]:
+    """Complete chunks as ``(dir, manifest)`` sorted by index, and the names of incomplete ones."""
+    complete: list[tuple[int, Path, dict]] = []
+    incomplete: list[str] = []
+    base = staging_dir(root)
+    if not base.is_dir():
+        return [], []
+    for d in base.iterdir():
+        m = CHUNK_DIR_RE.match(d.name)
+        if not m or not d.is_dir():
+            continue
+        mf = d / "manifest.json"
+        if not mf.is_file():
+            incomplete.append(d.name)
+            continue
+        try:
+            manifest = json.loads(mf.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise MergeError(
+                f"{mf} is not readable JSON ({exc}); delete {d} and rerun that chunk "
+                f"(snakemake {mf})"
+            ) from exc
+        complete.append((int(m.group(1)), d, manifest))
+    complete.sort(key=lambda t: t[0])
+    incomplete.sort(key=lambda n: int(CHUNK_DIR_RE.match(n).group(1)))
+    return [(d, man) for _, d, man in complete], incomplete
+
+
+def recorded_sampling(final: Path, split: str) -> tuple[dict | None, str | None]:
+    """Sampling settings recorded for ``split`` in final/README.md (else final/.merged.json), and where."""
+    readme = final / "README.md"
+    if readme.is_file():
+        from .readme import ReadmeError, read_front_matter
+
+        try:
+            fm, _ = read_front_matter(readme)
+        except ReadmeError as exc:
+            raise MergeError(str(exc)) from exc
+        rec = (((fm.get("qk_sniffer") or {}).get("splits") or {}).get(split) or {}).get("sampling")
+        if rec:
+            return rec, str(readme)
+        return None, None
+    merged = final / MERGED_NAME
+    if merged.is_file():
+        try:
+            prev = json.loads(merged.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None, None
+        if prev.get("split") == split and prev.get("sampling"):
+            return prev["sampling"], str(merged)
+    return None, None
+
+
+def _sampling_diff(recorded: dict, current: dict) -> dict:
+    """Keys present in both whose values differ: ``{key: (recorded, current)}``."""
+    out = {}
+    for k in sorted(set(recorded) & set(current)):
+        a, b = recorded[k], current[k]
+        if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool):
+            same = float(a) == float(b)
+        else:
+            same = a == b
+        if not same:
+            out[k] = (a, b)
+    return out
+
+
+def _schema_key(schema: pa.Schema) -> list[tuple[str, str]]:
+    return [(f.name, str(f.type)) for f in schema]
+
+
+def _describe_schema(schema: pa.Schema) -> str:
+    vec = schema.field("vector").type if "vector" in schema.names else None
+    if isinstance(vec, pa.FixedSizeListType):
+        v = f"vector {vec.value_type}[{vec.list_size}]"
+    else:
+        v = f"vector {vec}"
+    return f"{v}; columns {', '.join(schema.names)}"
+
+
+def final_configs(final: Path, split: str) -> dict[str, Path]:
+    """Config name -> ``final/data/<split>/<config>/data.parquet`` for every config on disk."""
+    base = final / "data" / split
+    if not base.is_dir():
+        return {}
+    out = {}
+    for d in sorted(base.iterdir()):
+        f = d / "data.parquet"
+        if d.is_dir() and f.is_file() and parse_config_name(d.name):
+            out[d.name] = f
+    return out
+
+
+def _corrupt(path: Path, exc: BaseException) -> MergeError:
+    return MergeError(
+        f"{path} is not readable Parquet ({type(exc).__name__}: {exc}). Nothing was merged into it. Recover by "
+        f"deleting it and either pulling the remote again (delete final/.snapshot.json and rerun pull_hub) or "
+        f"rerunning the chunks that produced it, then merge again."
+    )
+
+
+# -- writing ----------------------------------------------------------------------------------
+
+
+def row_group_rows(schema: pa.Schema) -> int:
+    vec = schema.field("vector").type
+    per_row = 32 + vec.list_size * vec.value_type.bit_width // 8
+    return int(min(1 << 20, max(8192, ROW_GROUP_BYTES // per_row)))
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    """zstd, content-defined chunking (Xet dedups unchanged pages), sorted-by metadata; temp file + rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    names = table.schema.names
+    sorting = [pq.SortingColumn(names.index(k)) for k in KEYS]
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            pq.write_table(
+                table, fh, compression="zstd", use_content_defined_chunking=True, write_page_checksum=True,
+                row_group_size=row_group_rows(table.schema), sorting_columns=sorting,
+                use_dictionary=[n for n in names if n != "vector"],  # float vectors never repeat
+                write_statistics=[n for n in names if n != "vector"],
+            )
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _read(path: Path, what: str) -> pl.DataFrame:
+    try:
+        return pl.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 - any decoding failure means a damaged file
+        if what == "final":
+            raise _corrupt(path, exc) from exc
+        raise MergeError(f"staged file {path} is not readable Parquet ({exc}); delete its chunk dir and rerun it") from exc
+
+
+def _read_many(paths: list[Path]) -> pl.DataFrame:
+    """All staged files of one config in one call (polars decodes them in parallel)."""
+    try:
+        return pl.read_parquet(paths)
+    except Exception:  # noqa: BLE001 - find the damaged file for the message
+        for p in paths:
+            _read(p, "staged")
+        raise
+
+
+def _key_list(df: pl.DataFrame, n: int) -> list[list[int]]:
+    """The first ``n`` keys of ``df`` in key order (joins do not keep row order)."""
+    return [list(r) for r in df.select(KEYS).sort(KEYS).head(n).iter_rows()]
+
+
+def _merge_config(final_path: Path, staged_paths: list[Path]) -> tuple[pl.DataFrame | None, dict]:
+    """Union of the final file and staged files; returns (merged frame or the final one, stats)."""
+    staged = _read_many(staged_paths) if staged_paths else None
+    final = _read(final_path, "final") if final_path.is_file() else None
+    conflicts = 0
+    examples: list[list[int]] = []
+    if staged is None or staged.height == 0:
+        return final, {"added": 0, "conflicts": 0, "conflict_examples": [], "changed": False}
+    if final is not None and final.height:
+        both = staged.join(final.select([*KEYS, "vector"]), on=KEYS, how="inner", suffix="_final")
+        bad = both.filter(pl.col("vector") != pl.col("vector_final"))
+        conflicts += bad.height
+        examples += _key_list(bad, CONFLICT_EXAMPLES)
+        new = staged.join(final.select(KEYS), on=KEYS, how="anti")
+    else:
+        new = staged
+    if new.height:
+        uniq = new.unique(subset=KEYS, keep="first", maintain_order=True)
+        if uniq.height != new.height:  # the same key staged twice (duplicate ids in the source)
+            dup = new.filter(pl.struct(KEYS).is_duplicated())
+            kept = uniq.join(dup.select(KEYS).unique(), on=KEYS, how="semi")
+            cmp = dup.join(kept.select([*KEYS, "vector"]), on=KEYS, how="inner", suffix="_kept")
+            bad = cmp.filter(pl.col("vector") != pl.col("vector_kept"))
+            conflicts += bad.height
+            examples += _key_list(bad, CONFLICT_EXAMPLES)
+        new = uniq
+    stats = {"added": new.height, "conflicts": conflicts, "conflict_examples": sorted(examples)[:CONFLICT_EXAMPLES],
+             "changed": new.height > 0}
+    if not new.height:
+        return final, stats
+    merged = new if final is None else pl.concat([final, new], how="vertical_relaxed")
+    return merged.sort(KEYS), stats
+
+
+def _to_arrow(df: pl.DataFrame, schema: pa.Schema) -> pa.Table:
+    """The frame as Arrow with exactly ``schema``'s types (polars gives large_string); only differing columns cast."""
+    table = df.to_arrow()
+    cols = []
+    for field in schema:
+        col = table.column(field.name)
+        cols.append(col if col.type == field.type else col.cast(field.type))
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def bucket_counts(df: pl.DataFrame | None, path: Path) -> tuple[int, dict[int, int]]:
+    if df is None:
+        df = pl.read_parquet(path, columns=["bucket"])
+    counts = df.get_column("bucket").value_counts()
+    return df.height, {int(b): int(n) for b, n in counts.iter_rows()}
+
+
+# -- the stage --------------------------------------------------------------------------------
+
+
+def merge_staging(cfg: dict, root: Path | None = None) -> dict:
+    """Merge every complete staged chunk into ``final/``; write and return ``final/.merged.json``."""
+    t0 = time.perf_counter()
+    root = Path(root) if root is not None else data_root(cfg)
+    split = split_name(cfg)
+    final = final_dir(root)
+    fingerprint = chunk_fingerprint(cfg)
+    current_sampling = sampling_settings(cfg)
+
+    chunks, incomplete = scan_chunks(root)
+    for name in incomplete:
+        log.warning("staging/%s has no manifest (an unfinished or crashed chunk): ignored", name)
+    stale = [(d, m) for d, m in chunks if m.get("config_fingerprint") != fingerprint]
+    if stale:
+        lines = [
+            f"  {d} (fingerprint {m.get('config_fingerprint')}, split {m.get('split')!r}, "
+            f"num_chunks {m.get('num_chunks')})" for d, m in stale
+        ]
+        raise MergeError(
+            f"staged chunks were produced by a different config than this run (fingerprint {fingerprint}, "
+            f"split {split!r}, num_chunks {cfg['workflow']['num_chunks']}):\n" + "\n".join(lines) +
+            "\nDelete those chunk dirs (or rerun them with this config: snakemake <chunk dir>/manifest.json) "
+            "and merge again."
+        )
+
+    # sampling settings recorded for the split must match this run's unless mixing is allowed
+    recorded, recorded_in = recorded_sampling(final, split)
+    mixed = None
+    if recorded and chunks:
+        diff = _sampling_diff(recorded, current_sampling)
+        if diff:
+            what = ", ".join(f"{k}: recorded {a!r}, this run {b!r}" for k, (a, b) in diff.items())
+            if not cfg["output"].get("allow_mixed_sampling"):
+                raise MergeError(
+                    f"split {split!r} in {recorded_in} was captured with different sampling settings ({what}). "
+                    "Appending would mix two samplings in one split. Use the recorded settings, write to another "
+                    "split (output.split_name), or set output.allow_mixed_sampling: true to append anyway."
+                )
+            log.warning("split %r: appending with different sampling settings (%s)", split, what)
+            mixed = {"recorded": recorded, "recorded_in": Path(recorded_in).name}
+
+    # staged files per config, all checked before anything is written
+    staged: dict[str, list[Path]] = {}
+    for d, m in chunks:
+        for cfg_name, rel in sorted((m.get("files") or {}).items()):
+            p = d / rel
+            if not p.is_file():
+                raise MergeError(f"{d}/manifest.json lists {rel} but {p} is missing; delete {d} and rerun that chunk")
+            staged.setdefault(cfg_name, []).append(p)
+    schemas: dict[str, pa.Schema] = {}
+    for cfg_name, paths in sorted(staged.items()):
+        fpath = data_file(final, split, cfg_name)
+        ref_schema, ref_file = None, None
+        if fpath.is_file():
+            try:
+                ref_schema, ref_file = pq.read_schema(fpath), fpath
+            except Exception as exc:  # noqa: BLE001
+                raise _corrupt(fpath, exc) from exc
+        for p in paths:
+            try:
+                s = pq.read_schema(p)
+            except Exception as exc:  # noqa: BLE001
+                raise MergeError(f"staged file {p} is not readable Parquet ({exc}); delete its chunk dir and rerun it") \
+                    from exc
+            if ref_schema is None:
+                ref_schema, ref_file = s, p
+            elif _schema_key(s) != _schema_key(ref_schema):
+                raise MergeError(
+                    f"schema mismatch for config {cfg_name!r} of split {split!r}: {p} has {_describe_schema(s)} but "
+                    f"{ref_file} has {_describe_schema(ref_schema)}. A split holds one model with one head dimension "
+                    "and vector dtype: write these rows to another split (output.split_name) or delete the "
+                    "mismatching files and rerun."
+                )
+        schemas[cfg_name] = ref_schema
+
+    # merge config by config; a few configs at a time in worker threads (polars and pyarrow release the GIL)
+    def one(cfg_name: str) -> tuple[str, dict, int, dict[int, int]]:
+        fpath = data_file(final, split, cfg_name)
+        merged, stats = _merge_config(fpath, staged[cfg_name])
+        if stats["changed"]:
+            write_parquet_atomic(_to_arrow(merged, schemas[cfg_name]), fpath)
+        n, counts = bucket_counts(merged.select("bucket"), fpath) if merged is not None else (0, {})
+        return cfg_name, stats, n, counts
+
+    rows_added: dict[str, int] = {}
+    touched: list[str] = []
+    conflicts: dict[str, dict] = {}
+    bucket_rows: dict[str, dict[int, int]] = {"q": {}, "k": {}}
+    rows_total: dict[str, int] = {}
+
+    def add_counts(cfg_name: str, counts: dict[int, int]) -> None:
+        parsed = parse_config_name(cfg_name)
+        per = bucket_rows.setdefault(parsed[2] if parsed else "?", {})
+        for b, c in counts.items():
+            per[b] = per.get(b, 0) + c
+
+    workers = max(1, min(MERGE_WORKERS, len(staged)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qk-merge") as pool:
+        for cfg_name, stats, n, counts in pool.map(one, sorted(staged)):
+            rows_added[cfg_name] = stats["added"]
+            if stats["conflicts"]:
+                conflicts[cfg_name] = {"count": stats["conflicts"], "examples": stats["conflict_examples"]}
+                log.warning("%s/%s: %d staged rows conflict with final rows (final rows kept)", split, cfg_name,
+                            stats["conflicts"])
+            if stats["changed"]:
+                touched.append(cfg_name)
+            if n:
+                rows_total[cfg_name] = n
+                add_counts(cfg_name, counts)
+    for cfg_name, fpath in final_configs(final, split).items():
+        if cfg_name not in rows_total:
+            rows_total[cfg_name], counts = bucket_counts(None, fpath)
+            add_counts(cfg_name, counts)
+
+    merge_s = time.perf_counter() - t0
+    result = {
+        "split": split,
+        "merged_at": _now(),
+        "config_fingerprint": fingerprint,
+        "sampling": current_sampling,
+        "mixed_sampling": mixed,
+        "configs_touched": touched,
+        "rows_added": rows_added,
+        "rows_added_total": int(sum(rows_added.values())),
+        "rows_total": dict(sorted(rows_total.items())),
+        "rows_split_total": int(sum(rows_total.values())),
+        "configs": len(rows_total),
+        "conflicts": conflicts,
+        "conflicts_total": int(sum(c["count"] for c in conflicts.values())),
+        "chunks": [
+            {
+                "chunk": m["chunk"], "example_range": m.get("example_range"), "examples": m.get("examples"),
+                "tokens": m.get("tokens"), "rows": int(sum((m.get("rows") or {}).values())),
+            }
+            for _, m in chunks
+        ],
+        "incomplete_chunks": incomplete,
+        "run": _run_summary([m for _, m in chunks]),
+        "buckets": {kind: {str(b): n for b, n in sorted(v.items())} for kind, v in sorted(bucket_rows.items()) if v},
+        "merge_s": round(merge_s, 3),
+    }
+    atomic_write_json(final / MERGED_NAME, result)
+    log.info("merged %d chunks into split %r: %d rows added to %d configs in %.1fs", len(chunks), split,
+             result["rows_added_total"], len(touched), merge_s)
+    return result
+
+
+def _run_summary(manifests: list[dict]) -> dict | None:
+    if not manifests:
+        return None
+    first = manifests[0]
+    t = [m.get("timings") or {} for m in manifests]
+    forward = sum(x.get("forward_s") or 0 for x in t)
+    tokens = sum(m.get("tokens") or 0 for m in manifests)
+    return {
+        "model": first.get("model"),
+        "dataset": first.get("dataset"),
+        "sampling": first.get("sampling"),
+        "num_chunks": first.get("num_chunks"),
+        "devices": sorted({str(m.get("device")) for m in manifests}),
+        "versions": first.get("versions"),
+        "timings": {
+            "chunks": len(manifests),
+            "examples": sum(m.get("examples") or 0 for m in manifests),
+            "tokens": tokens,
+            "computed_tokens": sum(m.get("computed_tokens") or 0 for m in manifests),
+            "load_s": round(sum(x.get("load_s") or 0 for x in t), 3),
+            "forward_s": round(forward, 3),
+            "total_s": round(sum(x.get("total_s") or 0 for x in t), 3),
+            "tokens_per_s": round(tokens / forward, 1) if forward > 0 else None,
+        },
+    }
