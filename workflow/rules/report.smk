@@ -1,0 +1,67 @@
+# render_report: the figures and tables that `snakemake --report report.html` collects, drawn from
+# the final dataset (every split under final/data/) and this run's staged chunk manifests.
+# Captions: workflow/report/*.rst. It reads the card's per-split metadata, so it runs after
+# render_readme, and it is part of `rule all`: `snakemake --report` only collects files of jobs in
+# the workflow's graph. It streams one config file at a time (a few seconds on the demo) and
+# writes only under <data_root>/report/, never into final/ (so nothing it draws gets pushed).
+# One figure per split: the figure folders are directory outputs whose files are picked up by
+# `patterns`, whose wildcards name the split in the report.
+
+
+rule render_report:
+    input:
+        readme=root_path("final/README.md"),
+        manifests=CHUNK_MANIFESTS,
+    output:
+        rows=report(
+            directory(root_path("report/rows_per_bucket")),
+            patterns=["{split}.png"],
+            caption="../report/rows_per_bucket.rst",
+            category="Sampling",
+            subcategory="rows per bucket",
+            labels={"split": "{split}"},
+        ),
+        norms=report(
+            directory(root_path("report/norms")),
+            patterns=["{split}/{vectors}.png"],
+            caption="../report/norms.rst",
+            category="Vector norms",
+            subcategory="{split}",
+            labels={"split": "{split}", "vectors": "{vectors}"},
+        ),
+        heads=report(
+            directory(root_path("report/heads")),
+            patterns=["{split}.png"],
+            caption="../report/heads.rst",
+            category="Heads",
+            subcategory="norms and q-k cosine",
+            labels={"split": "{split}"},
+        ),
+        timings=report(
+            root_path("report/run/chunk_timings.png"),
+            caption="../report/chunk_timings.rst",
+            category="Run",
+            labels={"item": "throughput per chunk"},
+        ),
+        metadata=report(
+            root_path("report/run/run_metadata.html"),
+            caption="../report/run_metadata.rst",
+            category="Run",
+            labels={"item": "model, dataset, sampler"},
+        ),
+        stats=report(
+            root_path("report/run/stats.json"),
+            caption="../report/stats.rst",
+            category="Run",
+            labels={"item": "numbers behind the figures"},
+        ),
+    log:
+        root_path("logs/render_report.log"),
+    params:
+        config=CONFIG_FILE,
+        # <data_root>/report, derived from an output so it follows the outputs wherever they are
+        out=lambda wildcards, output: Path(output.rows).parent.as_posix(),
+    conda:
+        CONDA_ENV
+    shell:
+        "$QK_PYTHON -m qk_sniffer report --config {params.config} --out {params.out} > {log} 2>&1"
