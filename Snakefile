@@ -1,0 +1,87 @@
+# qk-sniffer: capture sampled query/key vectors of a causal LM into a Parquet dataset that
+# datasets.load_dataset reads directly (locally or from the Hugging Face Hub).
+#
+#   snakemake --cores all                              the embedded demo (config/config.yaml), from the repo root
+#   snakemake -s /path/to/Snakefile --directory WORK --configfile CFG --cores all
+#   sniff-qk --config CFG                              the same through the CLI (adds the default profile)
+#
+# Paths in the config are relative to the working directory (--directory, else the current one).
+# Every rule makes one file target under the data root (output.data_root) and calls into the
+# qk_sniffer package once; its log is under <data_root>/logs/:
+#
+#   sniff_chunk    staging/chunk-{chunk}/manifest.json   one dataset shard through the model
+#   pull_hub       final/.snapshot.json                  the remote dataset synced into final/
+#   merge_staging  final/.merged.json                    staged rows replayed into final/
+#   render_readme  final/README.md                       the dataset card
+#   verify_dataset verify.json                           the dataset checked before any push
+#   render_report  report/                               figures of snakemake --report
+#   push_hub       push.json                             one commit of the changed files
+#
+# Rerunning redoes only missing or outdated targets; one chunk reruns alone when its manifest is
+# named as the target. See workflow/rules/*.smk for what triggers each rule.
+
+import copy
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import min_version, validate
+
+from qk_sniffer.config import ConfigError, validate_config
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+# A config given with --configfile is complete by itself (real-model configs mirror the original
+# tool's format): it replaces the embedded demo config instead of being layered over it, so the
+# demo's dataset files, split name and data root never leak into another run. --config KEY=VALUE
+# overrides still apply on top (they are part of overwrite_config).
+if workflow.overwrite_configfiles:
+    config.clear()
+    config.update(copy.deepcopy(workflow.config_settings.overwrite_config))
+
+# The package's validator first: its messages name the key path and suggest the closest key for
+# a typo, and it fills in every default. Snakemake's validate() then checks the same schema.
+try:
+    _validated = validate_config(
+        config, source=f"config ({', '.join(map(str, workflow.overwrite_configfiles or workflow.configfiles))})"
+    )
+except ConfigError as exc:
+    raise WorkflowError(str(exc)) from None
+config.clear()
+config.update(_validated)
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/sniff.smk"
+include: "workflow/rules/hub.smk"
+include: "workflow/rules/merge.smk"
+include: "workflow/rules/readme.smk"
+include: "workflow/rules/verify.smk"
+include: "workflow/rules/report.smk"
+
+
+# These rules touch the network or the shared data root, not a GPU: they run on the machine that
+# drives the workflow, also under a cluster executor.
+localrules:
+    all,
+    pull_hub,
+    merge_staging,
+    render_readme,
+    verify_dataset,
+    render_report,
+    push_hub,
+
+
+rule all:
+    input:
+        # push.json always exists after a run: with no remote it records pushed: false
+        root_path("push.json"),
+        # the figures that `snakemake --report report.html` collects
+        rules.render_report.output,
+    default_target: True

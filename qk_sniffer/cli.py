@@ -1,0 +1,457 @@
+"""``sniff-qk``: the whole workflow (``run``) and each of its stages as a command.
+
+``sniff-qk --config CONFIG`` is ``sniff-qk run --config CONFIG``: it runs the Snakemake workflow
+(pull -> sniff every chunk -> merge -> render the dataset card -> push). The stage commands are
+what the workflow's rules call; each reads the same YAML config and produces one file target
+under the data root (DESIGN.md section 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import traceback
+from pathlib import Path
+
+import yaml
+
+from .config import REPO_ROOT, ConfigError, chunk_fingerprint, data_root, load_config, split_name
+from .layout import CONFIG_RE, atomic_write_text, final_dir
+
+log = logging.getLogger("qk_sniffer")
+
+SNAKEFILE = REPO_ROOT / "Snakefile"
+DEFAULT_PROFILE = REPO_ROOT / "workflow" / "profiles" / "default"
+EFFECTIVE_CONFIG = Path(".qk-sniffer") / "config.yaml"
+
+STAGES = {
+    "pull": ("pull the remote dataset (output.hf_repo_id or output.remote_dir) into <data_root>/final/ and record "
+             "the revision it pulled; with no remote, record an empty snapshot",
+             "<data_root>/final/.snapshot.json"),
+    "sniff-chunk": ("run the model over dataset shard --chunk of --num-chunks and stage one Parquet file per "
+                    "captured (layer, head, q/k); the manifest is written last, so its presence means a complete chunk",
+                    "<data_root>/staging/chunk-<i>/manifest.json"),
+    "merge": ("merge every complete staged chunk into <data_root>/final/: new (example_id, position) rows are "
+              "appended, rows already there win, only touched files are rewritten",
+              "<data_root>/final/.merged.json"),
+    "render-readme": ("write the dataset card: front matter listing every config and aggregate per split, and a "
+                      "body with the run's metadata and statistics (plus a copy at output.readme_path)",
+                      "<data_root>/final/README.md"),
+    "report": ("draw the figures and tables of the workflow report (snakemake --report) from the final dataset and "
+               "the staged chunk manifests",
+               "<data_root>/report/"),
+    "push": ("push the changed files of <data_root>/final/ to the remote in one commit guarded by the pulled "
+             "revision; with no remote, record that nothing was pushed",
+             "<data_root>/push.json"),
+}
+
+RUN_HELP = (
+    "run the whole workflow through Snakemake: pull -> sniff-chunk (every chunk) -> merge -> render-readme -> "
+    "push, producing <data_root>/push.json. Arguments this command does not know are passed to snakemake as they "
+    "are, e.g. --resources gpu=2, --executor slurm, --profile workflow/profiles/slurm, -n (dry run), "
+    "--forcerun pull_hub, a target file. --config is the YAML config here; everything after a lone -- goes to "
+    "snakemake untouched (e.g. -- --config KEY=VALUE)."
+)
+
+VERIFY_HELP = (
+    "Check DATA_ROOT without changing it: every final/data/<split>/<config>/data.parquet (readable, the dataset "
+    "schema, unique sorted keys, layer/head/kind as the path says, buckets and sampling decisions of the recorded "
+    "sampler), final/README.md's configs against the files, staged chunks against their manifests, and leftover "
+    "temporary files. Prints one line per problem; exit status 1 when there is any. --config supplies the sampler "
+    "of its split when the dataset records none. The workflow runs it before every push."
+)
+
+DRY_FLAGS = {"-n", "--dry-run", "--dryrun", "--lint", "--list", "-l", "--list-rules", "--summary", "-S",
+             "--detailed-summary", "-D", "--dag", "--rulegraph", "--filegraph", "--list-target-rules", "--lt",
+             "--unlock", "--cleanup-metadata", "--cm", "--touch", "-t", "--delete-all-output", "--delete-temp-output",
+             "--report", "--archive", "--version", "-v", "--help", "-h"}
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _debug_env() -> bool:
+    return os.environ.get("QK_SNIFFER_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _setup_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+    if not debug:
+        for noisy in ("httpx", "httpcore", "urllib3", "filelock", "fsspec"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# -- the effective config the workflow hands to its rules --------------------------------------
+
+
+def effective_config_path(cfg: dict, root: Path | None = None) -> Path:
+    """``<data_root>/.qk-sniffer/config.yaml``: the validated config the workflow's rules read."""
+    return (Path(root) if root is not None else data_root(cfg)) / EFFECTIVE_CONFIG
+
+
+def write_effective_config(cfg: dict, root: Path | None = None) -> Path:
+    """Write the validated config for the rules, only when its content changed (so its mtime stays put)."""
+    path = effective_config_path(cfg, root)
+    text = (
+        "# The validated configuration (defaults filled in) the workflow passes to its rules.\n"
+        "# Written by the Snakefile on every invocation; edit the config you run with, not this copy.\n"
+        + yaml.safe_dump(cfg, sort_keys=True, default_flow_style=False, allow_unicode=True)
+    )
+    try:
+        unchanged = path.read_text(encoding="utf-8") == text
+    except OSError:
+        unchanged = False
+    if not unchanged:
+        atomic_write_text(path, text)
+    return path
+
+
+# -- argument parsing --------------------------------------------------------------------------
+
+
+def _add_common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
+    p.add_argument("--config", required=config_required, metavar="PATH",
+                   help="YAML config (validated against workflow/schemas/config.schema.yaml; see config/README.md)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="log at DEBUG level and show tracebacks (also QK_SNIFFER_DEBUG=1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    stage_lines = "\n".join(f"  {name:<14} -> {target}" for name, (_, target) in STAGES.items())
+    parser = argparse.ArgumentParser(
+        prog="sniff-qk",
+        formatter_class=_Formatter,
+        description=(
+            "Capture sampled query/key vectors of a Hugging Face causal LM into a Parquet dataset.\n\n"
+            "`sniff-qk --config CONFIG [snakemake args]` is the same as `sniff-qk run --config CONFIG ...`.\n"
+            "Each stage command produces one file target under the data root (output.data_root,\n"
+            "default data/<split name>):\n"
+            f"  {'run':<14} -> <data_root>/push.json (every stage below, through Snakemake)\n{stage_lines}"
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--debug", action="store_true", help="log at DEBUG level and show tracebacks "
+                        "(also QK_SNIFFER_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the whole workflow through Snakemake -> <data_root>/push.json",
+                         description=textwrap.fill(RUN_HELP, 100), formatter_class=_Formatter)
+    _add_common(run)
+    run.add_argument("--cores", default="all", metavar="N",
+                     help="CPU cores Snakemake may use (default: all)")
+
+    for name, (what, target) in STAGES.items():
+        p = sub.add_parser(name, help=f"{what.split(';')[0].split(':')[0]} -> {target}",
+                           description=textwrap.fill(f"{what[0].upper()}{what[1:]}.", 100)
+                           + f"\n\nProduces: {target}",
+                           formatter_class=_Formatter)
+        _add_common(p)
+        if name == "sniff-chunk":
+            p.add_argument("--chunk", type=int, required=True, metavar="I", help="index of the shard, 0-based")
+            p.add_argument("--num-chunks", type=int, default=None, metavar="N",
+                           help="number of shards (default: workflow.num_chunks)")
+            p.add_argument("--threads", type=int, default=None, metavar="T",
+                           help="CPU threads for torch (default: torch's own choice)")
+            p.add_argument("--fingerprint", default=None, metavar="HEX",
+                           help="refuse to run unless the config's chunk fingerprint is HEX (the workflow "
+                                "passes it, so a config changed under a running workflow is caught)")
+        if name == "report":
+            p.add_argument("--out", default=None, metavar="DIR",
+                           help="folder for the figures and tables (default: <data_root>/report)")
+    verify = sub.add_parser(
+        "verify", help="check a data root's dataset, card and staged chunks (changes nothing)",
+        description=textwrap.fill(VERIFY_HELP, 100), formatter_class=_Formatter)
+    verify.add_argument("data_root", metavar="DATA_ROOT", nargs="?", default=None,
+                        help="the data root to check (default: output.data_root of --config)")
+    verify.add_argument("--json", default=None, metavar="PATH",
+                        help="also write the report as JSON to PATH (atomically) when the check passes")
+    _add_common(verify, config_required=False)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _split_run_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """Separate ``run``'s own options from the ones passed through to snakemake (order kept)."""
+    own: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        tok = args[i]
+        if tok == "--":
+            rest.extend(args[i + 1:])
+            break
+        if tok in ("--config", "--cores"):
+            own.extend(args[i:i + 2])
+            i += 2
+            continue
+        if tok.startswith(("--config=", "--cores=")) or tok in ("--debug", "-h", "--help"):
+            own.append(tok)
+        else:
+            rest.append(tok)
+        i += 1
+    return own, rest
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def _has_opt(args: list[str], *names: str) -> bool:
+    return any(a == n or a.startswith(n + "=") for a in args for n in names)
+
+
+def snakemake_command(config_path: Path, cfg: dict, *, cores: str = "all", extra: list[str] | None = None,
+                      workdir: Path | None = None) -> list[str]:
+    """The snakemake invocation ``run`` executes (exposed for tests and for printing with -n)."""
+    extra = _resolve_profiles(list(extra or []))
+    workdir = Path(workdir) if workdir is not None else Path.cwd()
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--configfile", str(Path(config_path).resolve()),
+           "--directory", str(workdir), "--cores", str(cores)]
+    user_profile = _has_opt(extra, "--profile", "--workflow-profile")
+    if not user_profile and DEFAULT_PROFILE.is_dir():
+        cmd += ["--workflow-profile", str(DEFAULT_PROFILE)]
+    if not user_profile and not _has_opt(extra, "--resources", "--res", "--executor", "-e"):
+        cmd += ["--resources", f"gpu={_gpu_budget(cfg)}"]
+    return cmd + extra
+
+
+def _resolve_profiles(args: list[str]) -> list[str]:
+    """Let ``--profile slurm`` name a profile shipped under workflow/profiles/ from any working directory."""
+    out = list(args)
+    for i, tok in enumerate(out):
+        for opt in ("--profile", "--workflow-profile"):
+            if tok == opt and i + 1 < len(out):
+                j, value, fmt = i + 1, out[i + 1], "{}"
+            elif tok.startswith(opt + "="):
+                j, value, fmt = i, tok.split("=", 1)[1], opt + "={}"
+            else:
+                continue
+            shipped = REPO_ROOT / "workflow" / "profiles" / value
+            if value and not Path(value).exists() and "/" not in value and shipped.is_dir():
+                out[j] = fmt.format(shipped)
+    return out
+
+
+def _gpu_budget(cfg: dict) -> int:
+    """The ``gpu`` resource for a local run: the GPUs this machine shows, or no limit without any."""
+    from .gpu import detect_gpus
+
+    per = cfg["workflow"]["gpus_per_chunk"]
+    n = len(detect_gpus())
+    if n == 0 or per == 0 or cfg["inference"]["device"] == "cpu":
+        if n == 0 and per > 0 and cfg["inference"]["device"] != "cpu":
+            log.info("no GPU found: every chunk runs on the CPU")
+        return max(per, 1) * cfg["workflow"]["num_chunks"]
+    if n < per:
+        raise ConfigError(f"workflow.gpus_per_chunk is {per} but this machine shows {n} GPU(s); lower it")
+    return n
+
+
+def _example_config_name(final: Path, split: str) -> str:
+    base = final / "data" / split
+    names = sorted(p.name for p in base.iterdir() if p.is_dir() and CONFIG_RE.match(p.name)) if base.is_dir() else []
+    return names[0] if names else "all"
+
+
+def cmd_run(config: str, cores: str, extra: list[str]) -> int:
+    cfg = load_config(config)
+    if not SNAKEFILE.is_file():
+        raise ConfigError(f"the workflow ({SNAKEFILE}) is not next to the package; install qk-sniffer from a "
+                          "checkout with `pip install -e .`")
+    cmd = snakemake_command(Path(config), cfg, cores=cores, extra=extra)
+    log.info("running: %s", " ".join(cmd))
+    rc = subprocess.call(cmd)
+    root = data_root(cfg)
+    root = root if root.is_absolute() else Path.cwd() / root
+    if rc != 0:
+        print(f"error: the workflow failed (snakemake exit status {rc}); each rule's log is under {root}/logs/",
+              file=sys.stderr)
+        if any((Path.cwd() / ".snakemake" / "locks").glob("*")):
+            print("error: if no other run is active in this directory, a killed run left its lock: run the same "
+                  "command once with --unlock, then again", file=sys.stderr)
+        return rc
+    if any(a in DRY_FLAGS for a in extra):
+        return 0
+    final = final_dir(root)
+    split = split_name(cfg)
+    if not (final / "README.md").is_file():
+        return 0
+    name = _example_config_name(final, split)
+    print(f"dataset: {final} (split {split!r})")
+    push = root / "push.json"
+    try:
+        pushed = json.loads(push.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pushed = {}
+    if pushed.get("pushed"):
+        where = pushed.get("repo_id") or pushed.get("remote") or pushed.get("url")
+        if where:
+            print(f"pushed to: {where}")
+    print("load it with:")
+    print(f"  datasets.load_dataset({json.dumps(str(final))}, {json.dumps(name)}, split={json.dumps(split)})")
+    return 0
+
+
+def cmd_sniff_chunk(config: str, chunk: int, num_chunks: int | None, threads: int | None,
+                    fingerprint: str | None) -> int:
+    cfg = load_config(config)
+    n = num_chunks if num_chunks is not None else cfg["workflow"]["num_chunks"]
+    if n < 1:
+        raise ConfigError(f"--num-chunks: {n} is not allowed; it must be >= 1")
+    if not 0 <= chunk < n:
+        raise ConfigError(f"--chunk: {chunk} is out of range; with {n} chunk(s) it must be in 0..{n - 1}")
+    if fingerprint is not None and fingerprint != chunk_fingerprint(cfg):
+        raise ConfigError(
+            f"config {config} has chunk fingerprint {chunk_fingerprint(cfg)}, the workflow expected {fingerprint}: "
+            "the config changed while the workflow ran (or two runs with different configs share one data root); "
+            "rerun snakemake"
+        )
+    device = cfg["inference"]["device"]
+    gpus = 0 if device == "cpu" else cfg["workflow"]["gpus_per_chunk"]
+    if device == "cuda" and gpus == 0:
+        raise ConfigError("inference.device is cuda but workflow.gpus_per_chunk is 0; set one of them differently")
+
+    from .gpu import lease_gpus
+
+    # the lease sets CUDA_VISIBLE_DEVICES, so it comes before anything initialises CUDA
+    with lease_gpus(gpus):
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        from .chunk import run_chunk
+
+        manifest = run_chunk(cfg, chunk, n)
+    rows = sum(manifest["rows"].values())
+    log.info("chunk %d of %d: %d examples, %d tokens, %d rows in %d files on %s (%.1fs)", chunk, n,
+             manifest["examples"], manifest["tokens"], rows, len(manifest["files"]), manifest["device"],
+             manifest["timings"]["total_s"])
+    return 0
+
+
+def cmd_verify(data_root: str, config: str | None, json_path: str | None = None) -> int:
+    from .layout import atomic_write_json
+    from .verify import verify
+
+    cfg = load_config(config) if config else None
+    if data_root is None:
+        if cfg is None:
+            raise ConfigError("verify: give DATA_ROOT or --config (whose output.data_root is checked)")
+        from .config import data_root as root_of
+
+        data_root = root_of(cfg)
+    report = verify(Path(data_root), cfg=cfg)
+    print(report.format())
+    if report.ok and json_path:
+        atomic_write_json(Path(json_path), {"ok": True, "checked": report.checked, "warnings": report.warnings})
+    return 0 if report.ok else 1
+
+
+def cmd_stage(name: str, config: str) -> int:
+    cfg = load_config(config)
+    if name == "pull":
+        from .remote import pull
+
+        pull(cfg)
+    elif name == "merge":
+        from .merge import merge_staging
+
+        merge_staging(cfg)
+    elif name == "render-readme":
+        from .readme import render_readme
+
+        render_readme(cfg)
+    elif name == "push":
+        from .remote import push
+
+        push(cfg)
+    else:  # pragma: no cover - argparse restricts the names
+        raise AssertionError(name)
+    return 0
+
+
+# -- entry point -------------------------------------------------------------------------------
+
+
+def _is_expected(exc: BaseException) -> bool:
+    """Errors whose message is enough for the user: the package's own (MergeError, UnsupportedModelError,
+    RemoteError, GpuLeaseTimeout, ...) and operating-system errors (missing files, network)."""
+    return isinstance(exc, OSError) or type(exc).__module__.startswith("qk_sniffer.")
+
+
+def _dispatch(args: argparse.Namespace, extra: list[str]) -> int:
+    if args.command == "run":
+        return cmd_run(args.config, args.cores, extra)
+    if args.command == "sniff-chunk":
+        return cmd_sniff_chunk(args.config, args.chunk, args.num_chunks, args.threads, args.fingerprint)
+    if args.command == "verify":
+        return cmd_verify(args.data_root, args.config, args.json)
+    if args.command == "report":
+        from .report import report_main
+
+        report_main(load_config(args.config), args.out)
+        return 0
+    return cmd_stage(args.command, args.config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv:
+        parser.print_help(sys.stderr)
+        return 2
+    # `sniff-qk [--debug] --config X ...` (no command) is `run`, as in the original tool
+    lead = [a for a in argv[:1] if a == "--debug"]
+    body = argv[len(lead):]
+    commands = {"run", "verify", *STAGES}
+    extra: list[str] = []
+    if body and body[0] not in commands and not body[0].startswith("-"):
+        guess = difflib.get_close_matches(body[0].replace("_", "-"), sorted(commands), n=1)
+        hint = f" Did you mean '{guess[0]}'?" if guess else ""
+        names = ', '.join(['run', 'verify', *STAGES])
+        print(f"error: unknown command '{body[0]}'.{hint} Commands: {names}.", file=sys.stderr)
+        return 2
+    if body and body[0] not in commands and body[0] not in ("-h", "--help", "--version"):
+        body = ["run", *body]
+    if body and body[0] == "run":
+        own, extra = _split_run_args(body[1:])
+        args = parser.parse_args([*lead, "run", *own])
+    else:
+        args = parser.parse_args([*lead, *body])
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    debug = bool(getattr(args, "debug", False)) or _debug_env()
+    _setup_logging(debug)
+    try:
+        return _dispatch(args, extra)
+    except ConfigError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - turned into one line for expected errors
+        if debug or not _is_expected(exc):
+            traceback.print_exc()
+        print(f"error: {type(exc).__name__}: {exc}" if not _is_expected(exc) else f"error: {exc}", file=sys.stderr)
+        return 1

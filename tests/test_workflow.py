@@ -1,0 +1,291 @@
+"""The Snakemake workflow end to end: real ``snakemake`` subprocesses on the tiny models.
+
+One uninterrupted run (module fixture) is the reference; the other tests copy its working
+directory (data, Snakemake's metadata and mtimes included) and change one thing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from .conftest import REPO, base_config
+
+pytestmark = pytest.mark.slow
+
+SPLIT = "tiny"
+RUN_TIMEOUT = 900
+
+
+def workflow_env(tmp: Path) -> dict:
+    env = {**os.environ, "QK_SNIFFER_GPUS": "", "QK_SNIFFER_GPU_LOCK_DIR": str(tmp / "gpu-locks")}
+    env.pop("QK_SNIFFER_DEBUG", None)
+    return env
+
+
+def make_workdir(path: Path, name: str = "cfg.yaml", **sections) -> Path:
+    """A working directory with a config whose data root is relative to it (so copies stay self-contained)."""
+    path.mkdir(parents=True, exist_ok=True)
+    sections.setdefault("dataset", {"max_samples": 40})
+    sections.setdefault("tokenizer", {"max_length": 64})
+    sections.setdefault("workflow", {"num_chunks": 3})
+    cfg = base_config(Path("root"), **sections)
+    (path / name).write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def snakemake_cmd(workdir: Path, *extra: str, config: str = "cfg.yaml") -> list[str]:
+    return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+            "--configfile", str(workdir / config), "--cores", "2", *extra]
+
+
+def snakemake(workdir: Path, *extra: str, config: str = "cfg.yaml", cwd: Path | None = None,
+              check: bool = True) -> subprocess.CompletedProcess:
+    res = subprocess.run(snakemake_cmd(workdir, *extra, config=config), cwd=cwd or workdir, capture_output=True,
+                         text=True, env=workflow_env(workdir.parent), timeout=RUN_TIMEOUT, check=False)
+    if check and res.returncode != 0:
+        logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "root" / "logs").rglob("*.log")))
+        raise AssertionError(f"snakemake failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-6000:]}\n{logs}")
+    return res
+
+
+def manifests(root: Path) -> dict[int, Path]:
+    return {int(p.parent.name.split("-")[1]): p for p in sorted(root.glob("staging/chunk-*/manifest.json"))}
+
+
+def final_files(root: Path, split: str = SPLIT) -> dict[str, Path]:
+    return {p.parent.name: p for p in sorted((root / "final" / "data" / split).glob("*/data.parquet"))}
+
+
+def mtimes(paths) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in paths}
+
+
+def clone(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, symlinks=True)  # copy2: mtimes preserved, so Snakemake sees the same state
+    return dst
+
+
+def load(final: Path, config: str, split: str, cache: Path):
+    return datasets.load_dataset(str(final), config, split=split, cache_dir=str(cache))
+
+
+def front_matter(readme: Path) -> dict:
+    text = readme.read_text(encoding="utf-8")
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("\n---\n", 1)[0][4:])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted run, started from an unrelated working directory with -s and --directory."""
+    base = tmp_path_factory.mktemp("reference")
+    work = make_workdir(base / "work")
+    elsewhere = base / "elsewhere"
+    elsewhere.mkdir()
+    snakemake(work, cwd=elsewhere)
+    assert list(elsewhere.iterdir()) == []  # nothing lands in the directory snakemake was started from
+    return work
+
+
+def test_full_run_loads_with_datasets(reference, tmp_path):
+    root = reference / "root"
+    final = root / "final"
+    files = final_files(root)
+    assert len(manifests(root)) == 3
+    assert len(files) == 4 * (4 + 2)  # 4 layers x (4 query heads + 2 key heads)
+    rows = {name: pq.read_metadata(p).num_rows for name, p in files.items()}
+    assert all(n > 0 for n in rows.values())
+    cache = tmp_path / "hf-cache"
+    expected = {
+        "l00h00q": rows["l00h00q"],
+        "layer00": sum(n for name, n in rows.items() if name.startswith("l00h")),
+        "all": sum(rows.values()),
+        "all_k": sum(n for name, n in rows.items() if name.endswith("k")),
+    }
+    for config, n in expected.items():
+        ds = load(final, config, SPLIT, cache)
+        assert ds.num_rows == n, config
+    ds = load(final, "l00h00q", SPLIT, cache)
+    assert set(ds.column_names) >= {"bucket", "example_id", "position", "vector", "sliding_window", "layer", "head",
+                                    "kind"}
+    pairs = list(zip(ds["example_id"], ds["position"]))
+    assert pairs == sorted(set(pairs))  # unique and sorted on (example_id, position)
+    assert (root / "push.json").is_file()
+    assert sorted(p.name for p in (root / "logs").rglob("*.log")) == [
+        "chunk-0.log", "chunk-1.log", "chunk-2.log", "merge_staging.log", "pull_hub.log", "push_hub.log",
+        "render_readme.log"]
+
+
+def test_killed_run_resumes_without_redoing_finished_chunks(reference, tmp_path):
+    work = make_workdir(tmp_path / "work")
+    root = work / "root"
+    env = workflow_env(tmp_path)
+    log = open(tmp_path / "killed.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(snakemake_cmd(work), cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not manifests(root):
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        done = manifests(root)
+        # chunks run one at a time (2 threads each, --cores 2): wait until the next one has started,
+        # which Snakemake does only after it has recorded the finished one
+        while len(list((root / "logs" / "sniff_chunk").glob("*.log"))) <= len(done):
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(1.0)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+        log.close()
+    finished = manifests(root)
+    assert 0 < len(finished) < 3, "the kill must land while chunks are still missing"
+    assert not (root / "final" / ".merged.json").exists()
+    before = mtimes(finished.values())
+
+    snakemake(work, "--unlock")  # a killed run leaves Snakemake's directory lock behind
+    res = snakemake(work, "--rerun-incomplete")
+    after = manifests(root)
+    assert sorted(after) == [0, 1, 2]
+    assert mtimes(finished.values()) == before  # finished chunks were not recomputed
+    out = res.stdout + res.stderr
+    rerun = {int(m) for m in re.findall(r"wildcards: chunk=(\d+)", out)}
+    assert rerun == {0, 1, 2} - set(finished), out  # exactly the unfinished chunks ran again
+
+    ref_files = final_files(reference / "root")
+    got = final_files(root)
+    assert sorted(got) == sorted(ref_files)
+    for name, path in got.items():
+        assert pq.read_table(path).equals(pq.read_table(ref_files[name])), name
+
+
+def test_deleted_manifest_named_as_target_reruns_only_that_chunk(reference, tmp_path):
+    work = clone(reference, tmp_path / "work")
+    root = work / "root"
+    ms = manifests(root)
+    others = mtimes([ms[0], ms[2]])
+    downstream = mtimes([root / "final" / ".merged.json", root / "final" / "README.md", root / "push.json",
+                         *final_files(root).values()])
+    old_rows = yaml.safe_load(ms[1].read_text())["rows"]
+    ms[1].unlink()
+    res = snakemake(work, "root/staging/chunk-1/manifest.json")
+    assert ms[1].is_file()
+    assert yaml.safe_load(ms[1].read_text())["rows"] == old_rows
+    assert mtimes([ms[0], ms[2]]) == others
+    assert mtimes(downstream) == downstream  # only the named target was made
+    out = res.stdout + res.stderr
+    assert "sniff_chunk" in out and "merge_staging" not in out
+
+
+def test_rerun_changes_nothing(reference, tmp_path):
+    work = clone(reference, tmp_path / "work")
+    root = work / "root"
+    everything = [p for p in root.rglob("*") if p.is_file()]
+    before = mtimes(everything)
+    res = snakemake(work)
+    assert "Nothing to be done" in res.stdout + res.stderr
+    assert mtimes(everything) == before
+
+    # forcing the merge again (and what follows it) finds no new row and rewrites no data file
+    data = list(final_files(root).values())
+    data_before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in data}
+    snakemake(work, "--forcerun", "merge_staging")
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in data} == data_before
+    merged = yaml.safe_load((root / "final" / ".merged.json").read_text())
+    assert merged["rows_added_total"] == 0
+    assert mtimes(manifests(root).values()) == {p: before[p] for p in manifests(root).values()}
+
+
+def test_larger_max_samples_appends_only_new_rows(reference, tmp_path):
+    work = clone(reference, tmp_path / "work")
+    root = work / "root"
+    old = {name: pq.read_table(p) for name, p in final_files(root).items()}
+    old_max = max(max(t.column("example_id").to_pylist()) for t in old.values())
+    cfg = yaml.safe_load((work / "cfg.yaml").read_text())
+    cfg["dataset"]["max_samples"] = 60
+    (work / "cfg.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    snakemake(work)
+    added = 0
+    for name, path in final_files(root).items():
+        new = pq.read_table(path)
+        ids = new.column("example_id").to_numpy()
+        kept = new.filter(ids < 40)
+        assert kept.equals(old[name]), name  # every old row kept, byte for byte, and nothing else below 40
+        added += new.num_rows - old[name].num_rows
+        assert new.num_rows - old[name].num_rows == int((ids >= 40).sum())
+    assert added > 0 and old_max < 40
+    merged = yaml.safe_load((root / "final" / ".merged.json").read_text())
+    assert merged["rows_added_total"] == added
+
+
+def test_two_models_share_one_data_root(tiny_models, tmp_path):
+    work = tmp_path / "work"
+    common = {"dataset": {"max_samples": 16}, "tokenizer": {"max_length": 48}, "workflow": {"num_chunks": 1}}
+    make_workdir(work, "a.yaml", output={"split_name": "a"}, capture={"layers": [0, 1]}, **common)
+    make_workdir(work, "b.yaml", model={"name": str(tiny_models("qwen3"))}, output={"split_name": "b"},
+                 capture={"layers": [1, 2]}, **common)
+    snakemake(work, config="a.yaml")
+    snakemake(work, config="b.yaml")
+    final = work / "root" / "final"
+    on_disk = {s: set(final_files(work / "root", s)) for s in ("a", "b")}
+    assert {n[:3] for n in on_disk["a"]} == {"l00", "l01"} and {n[:3] for n in on_disk["b"]} == {"l01", "l02"}
+
+    configs = front_matter(final / "README.md")["configs"]
+    names = {c["config_name"] for c in configs}
+    assert on_disk["a"] | on_disk["b"] <= names
+    assert {"all", "all_q", "all_k", "layer00", "layer01", "layer02"} <= names
+    for entry in configs:
+        listed = {item["split"]: [item["path"]] if isinstance(item["path"], str) else item["path"]
+                  for item in entry["data_files"]}
+        src, template = next(iter(listed.items()))
+        for split in ("a", "b"):
+            # the globs this config would list for the split: its own, or the other split's moved over
+            globs = listed.get(split) or [g.replace(f"data/{src}/", f"data/{split}/") for g in template]
+            matches = [m for g in globs for m in final.glob(g)]
+            assert bool(matches) == (split in listed), (entry["config_name"], split, listed)
+    cache = tmp_path / "hf-cache"
+    for split in ("a", "b"):
+        total = sum(pq.read_metadata(p).num_rows for p in final_files(work / "root", split).values())
+        assert load(final, "all", split, cache).num_rows == total
+    assert load(final, "layer01", "b", cache).num_rows > 0
+
+
+def test_lint_reports_nothing():
+    res = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300, check=False)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    assert "Lints for" not in out and "good condition" in out
+
+
+def test_cli_run_prints_a_working_load_line(tmp_path):
+    work = make_workdir(tmp_path / "work", dataset={"max_samples": 12}, workflow={"num_chunks": 1})
+    res = subprocess.run([str(Path(sys.executable).parent / "sniff-qk"), "run", "--config", "cfg.yaml", "--cores", "2"],
+                         cwd=work, capture_output=True, text=True, env=workflow_env(tmp_path), timeout=RUN_TIMEOUT,
+                         check=False)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    final = (work / "root" / "final").resolve()
+    assert f"dataset: {final} (split 'tiny')" in res.stdout
+    line = next(ln.strip() for ln in res.stdout.splitlines() if "datasets.load_dataset(" in ln)
+    call = line.replace("datasets.load_dataset(", "load(", 1).replace(")", f", cache_dir={str(tmp_path / 'c')!r})")
+    ds = eval(call, {"load": datasets.load_dataset})  # noqa: S307 - the line the command printed
+    name = line.split(",")[1].strip().strip('"')
+    assert ds.num_rows == pq.read_metadata(final / "data" / "tiny" / name / "data.parquet").num_rows > 0

@@ -1,0 +1,43 @@
+# pull_hub and push_hub: the remote dataset (output.hf_repo_id or output.remote_dir).
+#
+# When pull_hub runs: it takes every chunk manifest as input, so it reruns whenever chunks
+# produced something new, as late as possible (right before merge_staging), which keeps the
+# window in which somebody else can push small. It also reruns when the remote settings change
+# (params.remote), and when its snapshot is missing. When the remote has not moved, pull() sees
+# the revision recorded in the snapshot and returns at once; update() keeps Snakemake from
+# deleting the snapshot before the job, so that check can happen. Nothing new to merge means no
+# pull: to fetch what others pushed meanwhile, run with --forcerun pull_hub. push_hub's commit is
+# guarded by the pulled revision anyway: if the remote moved, it pulls, merges and retries.
+
+
+rule pull_hub:
+    input:
+        CHUNK_MANIFESTS,
+    output:
+        update(root_path("final/.snapshot.json")),
+    log:
+        root_path("logs/pull_hub.log"),
+    params:
+        config=CONFIG_FILE,
+        remote=REMOTE,
+    conda:
+        CONDA_ENV
+    shell:
+        "$QK_PYTHON -m qk_sniffer pull --config {params.config} > {log} 2>&1"
+
+
+rule push_hub:
+    input:
+        root_path("final/README.md"),
+        root_path("verify.json"),
+    output:
+        root_path("push.json"),
+    log:
+        root_path("logs/push_hub.log"),
+    params:
+        config=CONFIG_FILE,
+        remote=REMOTE,
+    conda:
+        CONDA_ENV
+    shell:
+        "$QK_PYTHON -m qk_sniffer push --config {params.config} > {log} 2>&1"

@@ -1,0 +1,19 @@
+# render_readme: the dataset card (front matter with every config and aggregate per split, and
+# the run's metadata), plus a copy at output.readme_path when set.
+# update(): the card keeps the metadata of the other splits, so it is read before it is
+# rewritten; Snakemake must not delete it before the job.
+
+
+rule render_readme:
+    input:
+        root_path("final/.merged.json"),
+    output:
+        update(root_path("final/README.md")),
+    log:
+        root_path("logs/render_readme.log"),
+    params:
+        config=CONFIG_FILE,
+    conda:
+        CONDA_ENV
+    shell:
+        "$QK_PYTHON -m qk_sniffer render-readme --config {params.config} > {log} 2>&1"

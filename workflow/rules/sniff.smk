@@ -1,0 +1,29 @@
+# sniff_chunk: dataset shard {chunk} of workflow.num_chunks through the model.
+#
+# Reruns when its manifest is missing (a crashed chunk has none: the manifest is written last),
+# or when params.fingerprint changes: it hashes everything that changes the rows a chunk produces
+# (dataset, model, tokenizer max_length, capture settings, split, num_chunks) but not batch size or
+# padding side. resources.gpu is what Snakemake counts against --resources gpu=N; which GPUs a job
+# uses is decided inside the job by a lease on lock files (qk_sniffer.gpu), or by the scheduler
+# under SLURM. threads can be changed with --set-threads sniff_chunk=N.
+
+
+rule sniff_chunk:
+    output:
+        root_path("staging/chunk-{chunk}/manifest.json"),
+    log:
+        root_path("logs/sniff_chunk/chunk-{chunk}.log"),
+    params:
+        config=CONFIG_FILE,
+        num_chunks=NUM_CHUNKS,
+        fingerprint=CHUNK_FINGERPRINT,
+    wildcard_constraints:
+        chunk=r"\d+",
+    threads: 2
+    resources:
+        gpu=GPUS_PER_CHUNK,
+    conda:
+        CONDA_ENV
+    shell:
+        "$QK_PYTHON -m qk_sniffer sniff-chunk --config {params.config} --chunk {wildcards.chunk}"
+        " --num-chunks {params.num_chunks} --fingerprint {params.fingerprint} --threads {threads} > {log} 2>&1"

@@ -1,0 +1,19 @@
+# verify_dataset: check the final dataset, its card and the staged chunks before anything is
+# pushed (schema, unique sorted keys, layer/head/kind against paths, buckets and sampling
+# decisions of the recorded sampler, README configs against the files, manifests against staged
+# files). A problem fails the job, so push_hub never publishes a damaged dataset.
+
+
+rule verify_dataset:
+    input:
+        root_path("final/README.md"),
+    output:
+        root_path("verify.json"),
+    log:
+        root_path("logs/verify_dataset.log"),
+    params:
+        config=CONFIG_FILE,
+    conda:
+        CONDA_ENV
+    shell:
+        "$QK_PYTHON -m qk_sniffer verify --config {params.config} --json {output} > {log} 2>&1"
