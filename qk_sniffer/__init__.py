@@ -1,21 +1,30 @@
-"""qk-sniffer: capture sampled query/key vectors from Hugging Face causal LMs into Parquet datasets."""
+"""qk-sniffer: capture sampled query/key vectors from Hugging Face causal LMs into Parquet datasets.
+
+The public names are imported lazily, so ``sniff-qk --help`` and every Snakefile parse do not pay
+for importing torch and transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .capture import (  # noqa: E402
-    Sniffer,
-    compute_positions,
-    get_active_sniffer,
-    register_capture_attention,
-    set_active_example_ids,
-)
-from .modeling import patch_modeling_modules  # noqa: E402
+_EXPORTS = {
+    "Sniffer": "capture",
+    "compute_positions": "capture",
+    "get_active_sniffer": "capture",
+    "register_capture_attention": "capture",
+    "set_active_example_ids": "capture",
+    "patch_modeling_modules": "modeling",
+}
 
-__all__ = [
-    "Sniffer",
-    "compute_positions",
-    "get_active_sniffer",
-    "patch_modeling_modules",
-    "register_capture_attention",
-    "set_active_example_ids",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'qk_sniffer' has no attribute {name!r}")

@@ -35,7 +35,7 @@ def _resolve(schema: dict, root: dict) -> dict:
     ref = schema.get("$ref")
     if ref:
         node: Any = root
-        for part in ref.lstrip("#/").split("/"):
+        for part in ref.removeprefix("#/").split("/"):
             node = node[part]
         merged = dict(node)
         merged.update({k: v for k, v in schema.items() if k != "$ref"})

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import chunk_fingerprint, data_root, sampling_settings, split_name
-from .layout import atomic_write_json, data_file, final_dir, parse_config_name, staging_dir
+from .layout import atomic_output, atomic_write_json, data_file, final_dir, parse_config_name, staging_dir
 
 log = logging.getLogger("qk_sniffer")
 
@@ -160,27 +159,15 @@ def row_group_rows(schema: pa.Schema) -> int:
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
     """zstd, content-defined chunking (Xet dedups unchanged pages), sorted-by metadata; temp file + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     names = table.schema.names
     sorting = [pq.SortingColumn(names.index(k)) for k in KEYS]
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pq.write_table(
-                table, fh, compression="zstd", use_content_defined_chunking=True, write_page_checksum=True,
-                row_group_size=row_group_rows(table.schema), sorting_columns=sorting,
-                use_dictionary=[n for n in names if n != "vector"],  # float vectors never repeat
-                write_statistics=[n for n in names if n != "vector"],
-            )
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_output(path) as fh:
+        pq.write_table(
+            table, fh, compression="zstd", use_content_defined_chunking=True, write_page_checksum=True,
+            row_group_size=row_group_rows(table.schema), sorting_columns=sorting,
+            use_dictionary=[n for n in names if n != "vector"],  # float vectors never repeat
+            write_statistics=[n for n in names if n != "vector"],
+        )
 
 
 def _read(path: Path, what: str) -> pl.DataFrame:

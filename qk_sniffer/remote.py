@@ -32,7 +32,7 @@ from filelock import FileLock
 from filelock import Timeout as LockTimeout
 
 from .config import ConfigError, data_root, split_name
-from .layout import atomic_write_json, final_dir
+from .layout import atomic_output, atomic_write_json, final_dir
 
 log = logging.getLogger("qk_sniffer")
 
@@ -143,23 +143,11 @@ def _now() -> str:
 
 def _copy_hashed(src: Path, dst: Path) -> str:
     """Copy ``src`` to a temporary name next to ``dst``, fsync, rename; return the content's sha256."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
     h = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            while block := inp.read(_BUF):
-                h.update(block)
-                out.write(block)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_output(dst) as out, open(src, "rb") as inp:
+        while block := inp.read(_BUF):
+            h.update(block)
+            out.write(block)
     return h.hexdigest()
 
 

@@ -30,8 +30,6 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +38,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from .config import data_root, split_name
-from .layout import atomic_write_json, atomic_write_text, final_dir, parse_config_name
+from .layout import atomic_output, atomic_write_json, atomic_write_text, final_dir, parse_config_name
 from .merge import MERGED_NAME, final_configs, scan_chunks
 from .sampling import keep_probability, log_uniform_floor
 
@@ -534,20 +532,8 @@ def _atomic_bytes(path: Path, data: bytes) -> bool:
             return False
     except OSError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_output(path) as fh:
+        fh.write(data)
     return True
 
 
