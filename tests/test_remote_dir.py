@@ -80,7 +80,8 @@ def test_push_then_pull_into_fresh_root(tmp_path, staged):
     result = _cycle(cfg_a)
     files = _tree(a / "final")
     assert result["pushed"] and len(result["commits"]) == 1 and result["retries"] == 0
-    assert result["files_changed"] == len(files) == 25  # 24 configs + README.md
+    assert result["files_changed"] == len(files) == 26  # 24 configs, README.md, figures/rows_per_bucket.png
+    assert "figures/rows_per_bucket.png" in files
     assert result["bytes"] == sum((a / "final" / rel).stat().st_size for rel in files)
     assert json.loads((a / "push.json").read_text()) == json.loads(json.dumps(result))
     remote = DirRemote(remote_dir)
@@ -180,7 +181,7 @@ def test_remote_deletions_reach_final_and_foreign_files_are_kept(tmp_path, stage
     pulled = pull(cfg)
     assert sorted(pulled["removed"]) == sorted([gone, "figures/plot.txt"])
     assert not (a / "final" / gone).exists() and not (a / "final" / "data" / "tiny" / "l03h03q").exists()
-    assert not (a / "final" / "figures").exists()
+    assert not (a / "final" / "figures" / "plot.txt").exists()
     assert _tree(a / "final") == _tree(remote_dir)
     # the staged chunks still hold its rows: the next merge replays them and the push restores the file
     merge_staging(cfg)
@@ -197,11 +198,11 @@ def test_large_pushes_split_into_guarded_commits(tmp_path, staged):
     merge_staging(cfg)
     render_readme(cfg)
     result = push(cfg, max_files=10)
-    assert len(result["commits"]) == 3 and result["files_changed"] == 25
+    assert len(result["commits"]) == 3 and result["files_changed"] == 26  # with the card figure
     history = json.loads((remote_dir / DirRemote.RECORD).read_text())["history"]
     assert [h["revision"] for h in history] == result["commits"]
     assert [h["parent"] for h in history] == [None, *result["commits"][:-1]]
-    assert [h["files_changed"] for h in history] == [10, 10, 5]
+    assert [h["files_changed"] for h in history] == [10, 10, 6]
     assert json.loads((remote_dir / DirRemote.RECORD).read_text())["files"] == _tree(a / "final")
     assert push(cfg, max_files=10)["commits"] == []
 

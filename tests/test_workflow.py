@@ -6,6 +6,7 @@ directory (data, Snakemake's metadata and mtimes included) and change one thing.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -125,7 +126,8 @@ def test_full_run_loads_with_datasets(reference, tmp_path):
     assert (root / "push.json").is_file()
     assert sorted(p.name for p in (root / "logs").rglob("*.log")) == [
         "chunk-0.log", "chunk-1.log", "chunk-2.log", "merge_staging.log", "pull_hub.log", "push_hub.log",
-        "render_readme.log"]
+        "render_readme.log", "render_report.log", "verify_dataset.log"]
+    assert json.loads((root / "verify.json").read_text())["ok"] is True
 
 
 def test_killed_run_resumes_without_redoing_finished_chunks(reference, tmp_path):
