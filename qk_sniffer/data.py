@@ -40,7 +40,19 @@ def load_split(cfg: dict):
     if d.get("revision"):
         kwargs["revision"] = d["revision"]
     try:
-        ds = datasets.load_dataset(d["path"], **kwargs)
+        try:
+            ds = datasets.load_dataset(d["path"], **kwargs)
+        except datasets.exceptions.DatasetGenerationError as exc:  # the builder's own error is the cause
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, UnicodeDecodeError | StopIteration):
+                raise cause from exc
+            raise ConfigError(f"dataset: could not read {d.get('data_files') or d['path']!r}: {cause or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"dataset.data_files: {d.get('data_files') or d['path']!r} is not valid UTF-8 ({exc}); re-encode the file "
+            "as UTF-8, or store the texts in a Parquet binary column (rows that are not UTF-8 are then skipped and "
+            "counted)"
+        ) from exc
     except ValueError as exc:
         msg = str(exc)
         if "split" in msg.lower() or "Unknown split" in msg:
@@ -107,6 +119,12 @@ def tokenize_shard(shard: Shard, tokenizer, max_length: int) -> Tokenized:
     keep_texts, keep_ids = [], []
     empty = invalid = 0
     for text, eid in zip(shard.texts, shard.example_ids):
+        if isinstance(text, bytes):  # a binary column: use the rows that are UTF-8, count the others
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError:
+                invalid += 1
+                continue
         if not isinstance(text, str):
             invalid += 1
             continue

@@ -245,3 +245,28 @@ def test_empty_dataset_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match=r"has no rows"):
         run_chunk(cfg, 0, 1)
     assert not (tmp_path / "root" / "staging" / "chunk-0" / "manifest.json").exists()
+
+
+def test_non_utf8_rows_in_a_binary_column_are_skipped_and_counted(tmp_path):
+    import pyarrow as pa
+
+    from .conftest import base_config
+
+    texts = [b"valid text one", b"\xff\xfe broken \xc3", "caf\u00e9 ok".encode(), b"", None]
+    pq.write_table(pa.table({"text": pa.array(texts, pa.binary())}), tmp_path / "bin.parquet")
+    cfg = base_config(tmp_path / "root", dataset={"path": "parquet", "data_files": str(tmp_path / "bin.parquet"),
+                                                  "max_samples": None}, capture={"sampler": {"type": "all"}})
+    man = run_chunk(cfg, 0, 1)
+    assert (man["examples"], man["skipped_empty"], man["skipped_invalid"]) == (2, 1, 2)
+    assert set(staged(tmp_path / "root")["l00h00q"]["example_id"].to_list()) == {0, 2}
+
+
+def test_non_utf8_text_file_is_a_clear_error(tmp_path):
+    from .conftest import base_config
+
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine line\n\xff\xfe not utf-8\n")
+    cfg = base_config(tmp_path / "root", dataset={"path": "text", "data_files": str(bad), "max_samples": None})
+    with pytest.raises(ConfigError, match=r"is not valid UTF-8.*re-encode the file"):
+        run_chunk(cfg, 0, 1)
+    assert not (tmp_path / "root" / "staging" / "chunk-0" / "manifest.json").exists()
