@@ -255,12 +255,188 @@ def bench_memory(args, tmp: Path) -> list[dict]:
                  goal=GOALS["memory"])]
 
 
+def synth_staging(root: Path, cfg: dict, *, n_chunks: int, n_layers: int, n_heads: int, rows_per_file: int,
+                  head_dim: int, seed: int = 0) -> int:
+    """Staged chunks shaped like sniff-chunk's output (random vectors); returns the staged row count."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from qk_sniffer.config import chunk_fingerprint, sampling_settings, split_name
+    from qk_sniffer.layout import atomic_write_json, config_name, data_file, manifest_path
+    from qk_sniffer.sampling import bucket_of
+    from qk_sniffer.writer import row_schema
+
+    rng = np.random.default_rng(seed)
+    split = split_name(cfg)
+    schema = row_schema(head_dim)
+    total = 0
+    for c in range(n_chunks):
+        rows, files = {}, {}
+        for layer in range(n_layers):
+            for head in range(n_heads):
+                for kind in "qk":
+                    name = config_name(layer, head, kind, n_layers, n_heads)
+                    ex = rng.integers(c * 1000, (c + 1) * 1000, size=rows_per_file)
+                    pos = rng.integers(0, 4096, size=rows_per_file)
+                    key = np.unique(ex * 10000 + pos)
+                    ex, pos = key // 10000, key % 10000
+                    n = len(key)
+                    vec = rng.standard_normal((n, head_dim), dtype=np.float32).reshape(-1)
+                    table = pa.Table.from_arrays([
+                        pa.array(bucket_of(pos, "log_uniform", 128).astype(np.int32)), pa.array(ex),
+                        pa.array(pos.astype(np.int32)), pa.FixedSizeListArray.from_arrays(pa.array(vec), head_dim),
+                        pa.nulls(n, pa.int32()), pa.repeat(pa.scalar(layer, pa.int16()), n),
+                        pa.repeat(pa.scalar(head, pa.int16()), n), pa.repeat(pa.scalar(kind), n)], schema=schema)
+                    path = data_file(root / "staging" / f"chunk-{c}", split, name)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    pq.write_table(table, path, compression="zstd")
+                    rows[name] = n
+                    files[name] = f"data/{split}/{name}/data.parquet"
+                    total += n
+        atomic_write_json(manifest_path(root, c), {
+            "chunk": c, "num_chunks": n_chunks, "split": split, "example_range": [c * 1000, (c + 1) * 1000],
+            "examples": 1000, "tokens": 0, "rows": rows, "files": files,
+            "config_fingerprint": chunk_fingerprint(cfg), "sampling": sampling_settings(cfg),
+            "model": {"name": "synthetic", "num_layers": n_layers, "num_heads": n_heads, "num_kv_heads": n_heads,
+                      "head_dim": head_dim, "layer_windows": [None] * n_layers},
+        })
+    return total
+
+
+def bench_merge(args, tmp: Path) -> list[dict]:
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from qk_sniffer.merge import merge_staging
+
+    head_dim = 128
+    src = tmp / "merge-src"
+    cfg = _cfg(REPO / "models/tiny/llama", src)
+    cfg["workflow"]["num_chunks"] = 8
+    staged = synth_staging(src, cfg, n_chunks=8, n_layers=8, n_heads=4, rows_per_file=2100, head_dim=head_dim)
+    configs = sorted({p.parent.name for p in src.glob("staging/chunk-*/data/*/*/data.parquet")})
+    subset = configs[:4]
+
+    def staged_files(work: Path, name: str) -> list[Path]:
+        return sorted(work.glob(f"staging/chunk-*/data/*/{name}/data.parquet"))
+
+    def ours(work: Path) -> None:
+        merge_staging(cfg, work)
+
+    def raw(work: Path) -> None:  # the floor: read every staged file of a config, write one file, nothing else
+        for name in configs:
+            t = pa.concat_tables([pq.read_table(p) for p in staged_files(work, name)])
+            out = work / "raw" / f"{name}.parquet"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(t, out, compression="zstd")
+
+    def row_by_row(work: Path) -> None:  # the naive design: Python objects per row, dict dedup, sort, write
+        for name in subset:
+            seen = {}
+            for p in staged_files(work, name):
+                for row in pq.read_table(p).to_pylist():
+                    seen.setdefault((row["example_id"], row["position"]), row)
+            out = work / "naive" / f"{name}.parquet"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.Table.from_pylist([seen[k] for k in sorted(seen)]), out, compression="zstd")
+
+    def timed(fn) -> float:
+        work = tmp / "merge-work"
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(src / "staging", work / "staging")  # not timed
+        t = time.perf_counter()
+        fn(work)
+        return time.perf_counter() - t
+
+    reps = max(3, min(args.reps, 5))
+    timed(ours), timed(raw)  # warm-up
+    t_ours, t_raw = [], []
+    for _ in range(reps):
+        t_ours.append(timed(ours))
+        t_raw.append(timed(raw))
+    t_naive = [timed(row_by_row) for _ in range(3)]
+    m_ours, m_raw = statistics.median(t_ours), statistics.median(t_raw)
+    naive_full = statistics.median(t_naive) / len(subset) * len(configs)
+    return [
+        dict(benchmark="merge", case=f"{staged:,} staged rows, {len(configs)} configs, 8 chunks, D={head_dim}",
+             a=f"merge_staging {m_ours:.2f} s ({staged / m_ours:,.0f} rows/s)",
+             b=f"raw pyarrow read+write {m_raw:.2f} s", ratio=round(m_ours / m_raw, 3), goal="<= 2x raw"),
+        dict(benchmark="merge", case=f"same; row-by-row timed on {len(subset)} configs, scaled to {len(configs)}",
+             a=f"merge_staging {m_ours:.2f} s", b=f"row-by-row {naive_full:.1f} s",
+             ratio=round(naive_full / m_ours, 1), goal=">= 50x faster"),
+    ]
+
+
+def _snakemake(work: Path, cfg_path: Path, *extra: str, wait: bool = True, **kw):
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work),
+           "--configfile", str(cfg_path), "--cores", "2", "--quiet", "all", *extra]
+    if wait:
+        return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, **kw)
+
+
+def bench_resume(args, tmp: Path) -> list[dict]:
+    import signal
+
+    import yaml
+
+    corpus = tmp / "resume-corpus.jsonl"
+    texts = [json.loads(line)["text"] for line in (REPO / "config/demo/corpus.jsonl").read_text().splitlines()]
+    texts = [t for t in texts if t.strip()]
+    with open(corpus, "w") as fh:
+        for i in range(1200):
+            fh.write(json.dumps({"text": " ".join(texts[(i + j) % len(texts)] for j in range(3))}) + "\n")
+
+    def config(work: Path) -> Path:
+        work.mkdir(parents=True, exist_ok=True)
+        cfg = {
+            "dataset": {"path": "json", "data_files": str(corpus)},
+            "model": {"name": str(REPO / "models/tiny/llama")},
+            "tokenizer": {"max_length": 512},
+            "inference": {"batch_size": 16},
+            "capture": {"min_bucket_size": 16, "sampler": {"base_rate": 4.0}},
+            "output": {"data_root": "data", "split_name": "bench"},
+            "workflow": {"num_chunks": 6},
+        }
+        path = work / "cfg.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    full_w = tmp / "resume-full"
+    path = config(full_w)
+    t = time.perf_counter()
+    _snakemake(full_w, path)
+    full = time.perf_counter() - t
+
+    kill_w = tmp / "resume-kill"
+    path = config(kill_w)
+    proc = _snakemake(kill_w, path, wait=False)
+    deadline = time.time() + 600
+    while time.time() < deadline and len(list(kill_w.glob("data/staging/chunk-*/manifest.json"))) < 4:
+        time.sleep(0.05)
+    time.sleep(0.5)  # chunk 5 is running
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(kill_w.glob("data/staging/chunk-*/manifest.json")))
+    _snakemake(kill_w, path, "--unlock")
+    t = time.perf_counter()
+    _snakemake(kill_w, path, "--rerun-incomplete")
+    rerun = time.perf_counter() - t
+    return [dict(benchmark="resume", case=f"6 chunks x 200 examples, killed after {done_before} chunks finished",
+                 a=f"rerun {rerun:.1f} s", b=f"full run {full:.1f} s", ratio=round(rerun / full, 3),
+                 goal=GOALS["resume"])]
+
+
 BENCHES = {
     "capture": bench_capture,
     "early": bench_early,
     "padding": bench_padding,
     "plan": bench_plan,
     "memory": bench_memory,
+    "merge": bench_merge,
+    "resume": bench_resume,
 }
 
 

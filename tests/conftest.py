@@ -79,3 +79,33 @@ def make_config(tmp_path):
         return base_config(tmp_path / "root", **sections)
 
     return make
+
+
+def merged_sections(*parts: dict) -> dict:
+    """Config sections layered left to right, one level deep (``{"dataset": {...}, ...}``)."""
+    out: dict = {}
+    for part in parts:
+        for key, value in part.items():
+            out[key] = {**out.get(key, {}), **value} if isinstance(value, dict) else value
+    return out
+
+
+def stage_chunks(root: Path, **sections) -> dict:
+    """Run every chunk of the config (the real sniff-chunk code) into ``root/staging``; return the config."""
+    from qk_sniffer.chunk import run_chunk
+
+    cfg = base_config(root, **sections)
+    for i in range(cfg["workflow"]["num_chunks"]):
+        run_chunk(cfg, i)
+    return cfg
+
+
+def build_final(root: Path, **sections) -> dict:
+    """A real final dataset: every chunk staged, merged, and the card rendered; returns the config."""
+    from qk_sniffer.merge import merge_staging
+    from qk_sniffer.readme import render_readme
+
+    cfg = stage_chunks(root, **sections)
+    merge_staging(cfg)
+    render_readme(cfg)
+    return cfg

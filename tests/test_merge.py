@@ -12,12 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from qk_sniffer.chunk import run_chunk
 from qk_sniffer.layout import data_file, parse_config_name
 from qk_sniffer.merge import MergeError, merge_staging
 from qk_sniffer.readme import render_readme, split_front_matter
 
-from .conftest import base_config
+from .conftest import base_config, merged_sections, stage_chunks
 
 SECTIONS = {"workflow": {"num_chunks": 2}, "dataset": {"max_samples": 12}}
 SPLIT = "tiny"
@@ -25,9 +24,7 @@ KEYS = ["example_id", "position"]
 
 
 def _stage(root: Path, **sections) -> Path:
-    cfg = base_config(root, **sections)
-    for i in range(cfg["workflow"]["num_chunks"]):
-        run_chunk(cfg, i)
+    stage_chunks(root, **sections)
     return root
 
 
@@ -52,10 +49,7 @@ def _root(tmp_path: Path, staged: Path, chunks=(0, 1)) -> Path:
 
 
 def _cfg(root: Path, **extra) -> dict:
-    sections = {k: dict(v) for k, v in SECTIONS.items()}
-    for k, v in extra.items():
-        sections[k] = {**sections.get(k, {}), **v}
-    return base_config(root, **sections)
+    return base_config(root, **merged_sections(SECTIONS, extra))
 
 
 def _staged_files(root: Path) -> dict[str, list[Path]]:

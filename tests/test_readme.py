@@ -23,7 +23,7 @@ from qk_sniffer.readme import (
     split_front_matter,
 )
 
-from .conftest import base_config
+from .conftest import base_config, merged_sections, stage_chunks
 
 SECTIONS = {"workflow": {"num_chunks": 2}, "dataset": {"max_samples": 12}}
 SPLIT = "tiny"
@@ -32,17 +32,12 @@ SPLIT = "tiny"
 @pytest.fixture(scope="module")
 def staged(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("readme-staged") / "root"
-    cfg = base_config(root, **SECTIONS)
-    for i in range(2):
-        run_chunk(cfg, i)
+    stage_chunks(root, **SECTIONS)
     return root
 
 
 def _cfg(root: Path, **extra) -> dict:
-    sections = {k: dict(v) for k, v in SECTIONS.items()}
-    for k, v in extra.items():
-        sections[k] = {**sections.get(k, {}), **v}
-    return base_config(root, **sections)
+    return base_config(root, **merged_sections(SECTIONS, extra))
 
 
 @pytest.fixture

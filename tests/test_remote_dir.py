@@ -11,7 +11,6 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from qk_sniffer.chunk import run_chunk
 from qk_sniffer.config import ConfigError
 from qk_sniffer.merge import merge_staging
 from qk_sniffer.readme import render_readme, split_front_matter
@@ -27,7 +26,7 @@ from qk_sniffer.remote import (
     remote_for,
 )
 
-from .conftest import base_config
+from .conftest import base_config, stage_chunks
 
 SECTIONS = {"workflow": {"num_chunks": 2}, "dataset": {"max_samples": 12}}
 SPLIT = "tiny"
@@ -37,9 +36,7 @@ KEYS = ["example_id", "position"]
 @pytest.fixture(scope="module")
 def staged(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("remote-staged") / "root"
-    cfg = base_config(root, **SECTIONS)
-    for i in range(2):
-        run_chunk(cfg, i)
+    stage_chunks(root, **SECTIONS)
     return root
 
 

@@ -17,9 +17,6 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from qk_sniffer.chunk import run_chunk
-from qk_sniffer.merge import merge_staging
-from qk_sniffer.readme import render_readme
 from qk_sniffer.report import (
     BINS_PER_DECADE,
     CARD_FIGURE,
@@ -31,7 +28,8 @@ from qk_sniffer.report import (
     rows_per_group,
 )
 
-from .conftest import CORPUS, REPO, TINY_LLAMA, base_config
+from .conftest import CORPUS, REPO, TINY_LLAMA, merged_sections
+from .conftest import build_final as conftest_build_final
 
 SPLIT = "tiny"
 SECTIONS = {"workflow": {"num_chunks": 2}, "dataset": {"max_samples": 24}}
@@ -40,15 +38,7 @@ BIN = 10 ** (1 / BINS_PER_DECADE)  # the relative width of one norm histogram bi
 
 def build_final(root: Path, **sections) -> dict:
     """A real final dataset: the tiny model over the demo corpus, two chunks merged, the card rendered."""
-    merged = {k: dict(v) for k, v in SECTIONS.items()}
-    for k, v in sections.items():
-        merged[k] = {**merged.get(k, {}), **v}
-    cfg = base_config(root, **merged)
-    for i in range(cfg["workflow"]["num_chunks"]):
-        run_chunk(cfg, i)
-    merge_staging(cfg)
-    render_readme(cfg)
-    return cfg
+    return conftest_build_final(root, **merged_sections(SECTIONS, sections))
 
 
 @pytest.fixture(scope="module")

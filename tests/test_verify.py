@@ -13,13 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from qk_sniffer.chunk import run_chunk
-from qk_sniffer.merge import merge_staging
-from qk_sniffer.readme import render_readme, split_front_matter
+from qk_sniffer.readme import split_front_matter
 from qk_sniffer.sampling import SHARED_HEAD, SamplerSpec, bucket_of, keep_probability, token_u
 from qk_sniffer.verify import verify
 
-from .conftest import base_config
+from .conftest import base_config, build_final
 
 # two splits with different samplers: "tiny" (log_uniform, heads share positions) and "tiny_u"
 # (uniform, per head); staging/ holds the two chunks of the last one
@@ -29,13 +27,8 @@ TINY_U = {"workflow": {"num_chunks": 2}, "dataset": {"max_samples": 8}, "output"
 
 
 def _build(root: Path, sections: dict) -> dict:
-    cfg = base_config(root, **sections)
     shutil.rmtree(root / "staging", ignore_errors=True)
-    for i in range(cfg["workflow"]["num_chunks"]):
-        run_chunk(cfg, i)
-    merge_staging(cfg)
-    render_readme(cfg)
-    return cfg
+    return build_final(root, **sections)
 
 
 @pytest.fixture(scope="session")
