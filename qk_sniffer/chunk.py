@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import shutil
 import sys
@@ -187,6 +188,7 @@ def run_chunk(cfg: dict, chunk: int, num_chunks: int | None = None, root: Path |
         },
         "dataset": {k: cfg["dataset"][k] for k in ("path", "name", "split", "text_column", "id_column", "max_samples")},
         "device": str(capturer.input_device),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "versions": _versions(),
         "timings": {
             "load_s": round(t_loaded - t0, 3),

@@ -150,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the whole workflow through Snakemake -> <data_root>/push.json",
                          description=textwrap.fill(RUN_HELP, 100), formatter_class=_Formatter)
     _add_common(run)
-    run.add_argument("--cores", default="all", metavar="N",
-                     help="CPU cores Snakemake may use (default: all)")
+    run.add_argument("--cores", default=None, metavar="N",
+                     help="CPU cores Snakemake may use (default: all, except under a cluster executor, where each "
+                          "job's own threads decide)")
 
     for name, (what, target) in STAGES.items():
         p = sub.add_parser(name, help=f"{what.split(';')[0].split(':')[0]} -> {target}",
@@ -217,13 +218,34 @@ def _has_opt(args: list[str], *names: str) -> bool:
     return any(a == n or a.startswith(n + "=") for a in args for n in names)
 
 
-def snakemake_command(config_path: Path, cfg: dict, *, cores: str = "all", extra: list[str] | None = None,
+def _cluster_executor(extra: list[str]) -> bool:
+    """Whether the snakemake arguments (or a profile they name) pick an executor other than local."""
+    for i, tok in enumerate(extra):
+        value = tok.split("=", 1)[1] if "=" in tok else (extra[i + 1] if i + 1 < len(extra) else "")
+        if tok.split("=", 1)[0] in ("--executor", "-e"):
+            return value != "local"
+        if tok.split("=", 1)[0] in ("--profile", "--workflow-profile"):
+            prof = Path(value) / "config.yaml"
+            if prof.is_file():
+                data = yaml.safe_load(prof.read_text(encoding="utf-8")) or {}
+                if str(data.get("executor", "local")) != "local":
+                    return True
+    return False
+
+
+def snakemake_command(config_path: Path, cfg: dict, *, cores: str | None = None, extra: list[str] | None = None,
                       workdir: Path | None = None) -> list[str]:
-    """The snakemake invocation ``run`` executes (exposed for tests and for printing with -n)."""
+    """The snakemake invocation ``run`` executes (exposed for tests and for printing with -n).
+
+    ``--cores`` defaults to all local cores, but is left out under a cluster executor: there it
+    would cap every submitted job's threads at the submitting host's core count.
+    """
     extra = _resolve_profiles(list(extra or []))
     workdir = Path(workdir) if workdir is not None else Path.cwd()
     cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--configfile", str(Path(config_path).resolve()),
-           "--directory", str(workdir), "--cores", str(cores)]
+           "--directory", str(workdir)]
+    if cores is not None or not _cluster_executor(extra):
+        cmd += ["--cores", str(cores or "all")]
     user_profile = _has_opt(extra, "--profile", "--workflow-profile")
     if not user_profile and DEFAULT_PROFILE.is_dir():
         cmd += ["--workflow-profile", str(DEFAULT_PROFILE)]

@@ -172,6 +172,7 @@ def _write_config(root: Path, *, node: str, partition: str, cpus: int, memory_mb
         "JobAcctGatherType=jobacct_gather/none",
         "AccountingStorageType=accounting_storage/none",
         "JobCompType=jobcomp/none",
+        "MailProg=/bin/true",
         f"NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN",
         f"PartitionName={partition} Nodes={node} Default=YES MaxTime=INFINITE State=UP",
     ]
@@ -249,8 +250,8 @@ def local_slurm(root: Path | None = None, *, partition: str = "main", start_time
                          munge_socket=munge_socket)
 
     srun = root / "bin" / "srun"
-    srun.write_text(f'#!/bin/sh\nSLURM_CONF={shlex.quote(str(conf))} exec {shlex.quote(_which("srun") or "srun")} "$@"\n',
-                    encoding="utf-8")
+    real_srun = shlex.quote(_which("srun") or "srun")
+    srun.write_text(f'#!/bin/sh\nSLURM_CONF={shlex.quote(str(conf))} exec {real_srun} "$@"\n', encoding="utf-8")
     srun.chmod(0o755)
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}
@@ -289,7 +290,8 @@ def _wait(ready, timeout: float, what: str, cluster: SlurmCluster) -> None:
     while True:
         for name, proc in cluster.processes.items():
             if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode} while starting the test cluster\n{cluster.logs()}")
+                raise RuntimeError(f"{name} exited with {proc.returncode} while starting the test cluster\n"
+                                   f"{cluster.logs()}")
         if ready():
             return
         if time.monotonic() > deadline:

@@ -188,6 +188,13 @@ def test_run_builds_the_snakemake_command(tmp_path, monkeypatch):
 
     cmd = snakemake_command(cfg_path, cfg, extra=["--profile", "workflow/profiles/slurm"], workdir=tmp_path)
     assert "--workflow-profile" not in cmd and "--resources" not in cmd
+    # under a cluster executor --cores would cap every submitted job's threads: left out unless asked for
+    assert "--cores" not in cmd
+    assert "--cores" not in snakemake_command(cfg_path, cfg, extra=["--executor", "slurm"], workdir=tmp_path)
+    cmd = snakemake_command(cfg_path, cfg, cores="8", extra=["--executor=slurm"], workdir=tmp_path)
+    assert cmd[cmd.index("--cores") + 1] == "8"
+    local = snakemake_command(cfg_path, cfg, workdir=tmp_path)
+    assert local[local.index("--cores") + 1] == "all"
     # a profile shipped with the workflow can be named from any working directory
     cmd = snakemake_command(cfg_path, cfg, extra=["--profile=default"], workdir=tmp_path)
     assert cmd[-1] == f"--profile={DEFAULT_PROFILE}"

@@ -18,6 +18,7 @@ QK_SNIFFER_REQUIRE_SLURM=1 (as in CI), which turns the skip into a failure.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import re
@@ -47,6 +48,8 @@ SUBMITTED_RE = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+) 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     reason = unavailable_reason()
+    if reason is None and importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
+        reason = "the SLURM executor plugin is not installed (pip install snakemake-executor-plugin-slurm)"
     if reason:
         if os.environ.get("QK_SNIFFER_REQUIRE_SLURM", "").strip() in ("1", "true", "yes"):
             pytest.fail(f"QK_SNIFFER_REQUIRE_SLURM is set but {reason}")
@@ -103,8 +106,8 @@ def snakemake_cmd(work: Path, *extra: str) -> list[str]:
 
 
 def describe(res: subprocess.CompletedProcess, work: Path, cluster=None) -> str:
-    logs = "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-3000:]}"
-                     for p in sorted(work.glob("root/logs/**/*.log")) + sorted(work.glob(".snakemake/slurm_logs/**/*.log")))
+    paths = sorted(work.glob("root/logs/**/*.log")) + sorted(work.glob(".snakemake/slurm_logs/**/*.log"))
+    logs = "\n".join(f"--- {p}\n{p.read_text(errors='replace')[-3000:]}" for p in paths)
     return (f"snakemake exited {res.returncode}\n--- stdout\n{res.stdout[-4000:]}\n--- stderr\n{res.stderr[-8000:]}\n"
             f"{logs}\n{cluster.logs() if cluster is not None else ''}")
 
@@ -180,7 +183,8 @@ def test_workflow_on_slurm_matches_local_run(slurm, tmp_path):
     for chunk in range(NUM_CHUNKS):
         manifest = json.loads((on_slurm / "root" / "staging" / f"chunk-{chunk}" / "manifest.json").read_text())
         local_manifest = json.loads((local / "root" / "staging" / f"chunk-{chunk}" / "manifest.json").read_text())
-        assert manifest["rows"] == local_manifest["rows"] and manifest["example_range"] == local_manifest["example_range"]
+        assert manifest["rows"] == local_manifest["rows"]
+        assert manifest["example_range"] == local_manifest["example_range"]
         if "slurm_job_id" in manifest:
             assert str(manifest["slurm_job_id"]) == job_ids[chunk]
             assert local_manifest["slurm_job_id"] in (None, "")
@@ -200,7 +204,8 @@ def test_workflow_on_slurm_matches_local_run(slurm, tmp_path):
 
     # -- one lost chunk reruns alone when its manifest is named as the target
     manifest = on_slurm / "root" / "staging" / "chunk-1" / "manifest.json"
-    before = json.loads(manifest.read_text())
+    other = on_slurm / "root" / "staging" / "chunk-0" / "manifest.json"
+    before, other_mtime = json.loads(manifest.read_text()), other.stat().st_mtime_ns
     manifest.unlink()
     res = subprocess.run(snakemake_cmd(on_slurm, "--profile", str(PROFILE), "--profile", str(overlay),
                                        "root/staging/chunk-1/manifest.json"),
@@ -213,14 +218,14 @@ def test_workflow_on_slurm_matches_local_run(slurm, tmp_path):
     assert slurm.job(again[0][1])["JobState"] == "COMPLETED"
     after = json.loads(manifest.read_text())
     assert after["rows"] == before["rows"] and after["example_range"] == before["example_range"]
-    assert not (on_slurm / "root" / "staging" / "chunk-0" / "manifest.json").stat().st_mtime_ns > \
-        (on_slurm / "root" / "final" / ".merged.json").stat().st_mtime_ns  # chunk 0 was left alone
+    assert other.stat().st_mtime_ns == other_mtime  # chunk 0 was left alone
 
 
 def test_gpu_chunks_request_gpus_from_slurm(slurm, tmp_path):
     """A GPU config: the shipped profile turns the rule's gpu resource into sbatch --gpus (with the
     model when gpu_model is set) and --cpus-per-gpu; this node has no GPUs, so SLURM refuses the job."""
-    work = make_workdir(tmp_path / "work", inference={"device": "auto"}, workflow={"num_chunks": 1, "gpus_per_chunk": 2})
+    work = make_workdir(tmp_path / "work", inference={"device": "auto"},
+                        workflow={"num_chunks": 1, "gpus_per_chunk": 2})
     overlay = overlay_profile(tmp_path / "overlay-profile", slurm.partition, gpu_model="testgpu")
     before = slurm.command("squeue", "--states=all", "--noheader", "--format=%i").stdout.split()
     res = subprocess.run(snakemake_cmd(work, "--profile", str(PROFILE), "--profile", str(overlay), "--retries", "0"),
