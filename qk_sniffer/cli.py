@@ -352,6 +352,9 @@ def cmd_sniff_chunk(config: str, chunk: int, num_chunks: int | None, threads: in
 
     from .gpu import lease_gpus
 
+    # CPU matrix products bitwise reproducible run to run (MKL otherwise lets results depend on
+    # memory alignment); read by MKL when it initialises, so set before torch is imported
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     # the lease sets CUDA_VISIBLE_DEVICES, so it comes before anything initialises CUDA
     with lease_gpus(gpus):
         if threads:
