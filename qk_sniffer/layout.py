@@ -76,6 +76,24 @@ def atomic_output(path: Path, mode: str = "wb"):
         raise
 
 
+# what atomic_output leaves behind when its process is killed: .<name>.<8 random characters>.tmp
+_STALE_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def remove_stale_temps(base: Path) -> list[Path]:
+    """Delete the temporary files of interrupted atomic writes under ``base``; returns them.
+
+    Only for a directory that one stage writes at a time (the workflow runs the stages writing
+    ``final/`` one after the other), called before that stage writes anything.
+    """
+    removed = []
+    for p in sorted(Path(base).rglob(".*.tmp")) if Path(base).is_dir() else []:
+        if _STALE_TEMP.match(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file next to ``path`` and rename it into place."""
     with atomic_output(path, "w") as fh:

@@ -24,7 +24,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import chunk_fingerprint, data_root, sampling_settings, split_name
-from .layout import atomic_output, atomic_write_json, data_file, final_dir, parse_config_name, staging_dir
+from .layout import (
+    atomic_output,
+    atomic_write_json,
+    data_file,
+    final_dir,
+    parse_config_name,
+    remove_stale_temps,
+    staging_dir,
+)
 
 log = logging.getLogger("qk_sniffer")
 
@@ -254,6 +262,7 @@ def merge_staging(cfg: dict, root: Path | None = None) -> dict:
     root = Path(root) if root is not None else data_root(cfg)
     split = split_name(cfg)
     final = final_dir(root)
+    remove_stale_temps(final)  # a merge killed mid-write left them; verify_dataset refuses a final/ holding any
     fingerprint = chunk_fingerprint(cfg)
     current_sampling = sampling_settings(cfg)
 

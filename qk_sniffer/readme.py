@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from .config import data_root, sampling_settings, split_name
-from .layout import CONFIG_RE, atomic_write_text, final_dir, parse_config_name
+from .layout import CONFIG_RE, atomic_write_text, final_dir, parse_config_name, remove_stale_temps
 from .merge import MERGED_NAME, bucket_counts, final_configs
 from .sampling import log_uniform_floor
 
@@ -381,6 +381,7 @@ def render_readme(cfg: dict, root: Path | None = None) -> Path:
     root = Path(root) if root is not None else data_root(cfg)
     final = final_dir(root)
     final.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(final)
     readme = final / "README.md"
     text = render_card(cfg, final)
     if not readme.is_file() or readme.read_text(encoding="utf-8") != text:

@@ -32,7 +32,7 @@ from filelock import FileLock
 from filelock import Timeout as LockTimeout
 
 from .config import ConfigError, data_root, split_name
-from .layout import atomic_output, atomic_write_json, final_dir
+from .layout import atomic_output, atomic_write_json, final_dir, remove_stale_temps
 
 log = logging.getLogger("qk_sniffer")
 
@@ -355,6 +355,7 @@ def pull(cfg: dict, root: Path | None = None) -> dict:
     """Sync the remote into ``final/`` and write ``final/.snapshot.json`` last; see the module docstring."""
     root = Path(root) if root is not None else data_root(cfg)
     final = final_dir(root)
+    remove_stale_temps(final)
     snap_path = final / SNAPSHOT_NAME
     remote = remote_for(cfg)
     if remote is None:
@@ -443,6 +444,7 @@ def push(cfg: dict, root: Path | None = None, *, max_files: int = COMMIT_MAX_FIL
     """Commit the changed files of ``final/`` to the remote and write ``<root>/push.json``."""
     root = Path(root) if root is not None else data_root(cfg)
     final = final_dir(root)
+    remove_stale_temps(final)
     remote = remote_for(cfg)
     if remote is None:
         result = {"remote": None, "pushed": False,
@@ -502,10 +504,15 @@ def push(cfg: dict, root: Path | None = None, *, max_files: int = COMMIT_MAX_FIL
             log.warning("%s moved (%s); pulling, merging and retrying (%d of %d)", desc, exc, retries, max_retries)
             from .merge import merge_staging
             from .readme import render_readme
+            from .verify import verify
 
             pull(cfg, root)
             merge_staging(cfg, root)
             render_readme(cfg, root)
+            report = verify(root, cfg=cfg)  # what the retry publishes is checked like the first attempt
+            if not report.ok:
+                raise PushError(f"after re-merging onto the moved remote, {root} fails verification; nothing more "
+                                f"was pushed:\n{report.format()}") from exc
     result = {"remote": desc, "pushed": bool(commits), "commits": commits, "files_changed": files_changed,
               "bytes": nbytes, "retries": retries, "revision": revision, "pushed_at": _now()}
     if not commits:

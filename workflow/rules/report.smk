@@ -12,6 +12,8 @@ rule render_report:
     input:
         readme=root_path("final/README.md"),
         manifests=CHUNK_MANIFESTS,
+        # after the push: a push that finds the remote moved pulls, merges and renders final/ again
+        pushed=root_path("push.json"),
     output:
         rows=report(
             directory(root_path("report/rows_per_bucket")),
