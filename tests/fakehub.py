@@ -1,7 +1,7 @@
 """A local fake of the Hugging Face Hub HTTP API, for tests that run the real client over real HTTP.
 
 It implements the endpoints that ``huggingface_hub`` (and ``datasets`` through it) call to read,
-download and commit to a repository (``/work/shared/HUB_NOTES.md`` lists them), and nothing else:
+download and commit to a repository, and nothing else:
 
 - repositories of every type (model, dataset, space) with branches, each branch a linear history
   of commits; a commit holds the full file map ``path -> Blob``; its sha is the sha1 of its parent,
