@@ -127,6 +127,7 @@ class CapturedBatch:
     items: list  # (layer, kind, plan, tensor, sliding_window)
     token_ids: np.ndarray | None
     event: object = None
+    missing_layers: list[int] = field(default_factory=list)  # captured layers the forward never reached
 
     def wait(self) -> None:
         if self.event is not None:
@@ -144,7 +145,6 @@ class Sniffer:
         self._module_layers: dict[int, int] = {}
         self._plans: dict[tuple[int, str], LayerPlan] = {}
         self._pending: list = []
-        self._tokens: BatchTokens | None = None
         self._token_ids: np.ndarray | None = None
         self._deferred_ids: np.ndarray | None = None
         self._hooks: list = []
@@ -204,7 +204,6 @@ class Sniffer:
         self._seen_layers = set()
         self._token_ids = token_ids
         tokens = BatchTokens(example_ids, lengths, offsets, self.spec.sampler)
-        self._tokens = tokens
         self.seq_len = int((tokens.offsets + tokens.lengths).max()) if len(tokens.lengths) else 0
         plans = {}
         for layer in self.spec.layers:
@@ -266,11 +265,9 @@ class Sniffer:
         if on_cuda:
             event = torch.cuda.Event()
             event.record()
-        missing = self.captured_layers - self._seen_layers
+        missing = sorted(self.captured_layers - self._seen_layers)
         self._pending = []
-        batch = CapturedBatch(items=items, token_ids=self._token_ids, event=event)
-        batch.missing_layers = sorted(missing)
-        return batch
+        return CapturedBatch(items=items, token_ids=self._token_ids, event=event, missing_layers=missing)
 
 
 def _plan(tokens: BatchTokens, layer: int, kind: str, heads: list[int], per_head: bool) -> LayerPlan:
