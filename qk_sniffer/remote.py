@@ -18,6 +18,7 @@ again, then retries (``output.max_push_retries`` times). Remote files are never 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -188,6 +189,19 @@ class DirRemote:
             ) from exc
         return lock
 
+    @contextlib.contextmanager
+    def _at_head(self, parent: str | None):
+        """Hold the remote's lock and yield its record, iff its head is still ``parent``."""
+        lock = self._locked()
+        try:
+            rec = self._record()
+            head = rec["head"] if rec else None
+            if head != parent:
+                raise RemoteMovedError(f"{self.describe()}: head is {head}, not the pulled revision {parent}")
+            yield rec
+        finally:
+            lock.release()
+
     def _record(self) -> dict | None:
         p = self.root / self.RECORD
         if not p.is_file():
@@ -263,27 +277,15 @@ class DirRemote:
         for rel, src in names.items():
             if not src.is_file():
                 raise FileNotFoundError(f"cannot commit {rel}: {src} does not exist")
-        lock = self._locked()
-        try:
-            rec = self._record()
-            head = rec["head"] if rec else None
-            if head != parent:
-                raise RemoteMovedError(f"{self.describe()}: head is {head}, not the pulled revision {parent}")
+        with self._at_head(parent) as rec:
             recorded = dict(rec["files"]) if rec else {}
             for rel, src in sorted(names.items()):
                 recorded[rel] = _copy_hashed(src, self.root / rel)
             return self._write_record(rec, recorded, parent, message, sorted(names), [])
-        finally:
-            lock.release()
 
     def delete(self, paths: list[str], parent: str | None, message: str) -> str:
         """Remove ``paths`` from the remote as one revision (administration; pushes never delete)."""
-        lock = self._locked()
-        try:
-            rec = self._record()
-            head = rec["head"] if rec else None
-            if head != parent:
-                raise RemoteMovedError(f"{self.describe()}: head is {head}, not {parent}")
+        with self._at_head(parent) as rec:
             recorded = dict(rec["files"]) if rec else {}
             removed = []
             for rel in paths:
@@ -299,8 +301,6 @@ class DirRemote:
                         except OSError:
                             break
             return self._write_record(rec, recorded, parent, message, [], removed)
-        finally:
-            lock.release()
 
 
 def remote_for(cfg: dict) -> Remote | None:
