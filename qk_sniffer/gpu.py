@@ -103,9 +103,12 @@ def _nvidia_smi_devices() -> list[str] | None:
 
 def _torch_devices_in_subprocess() -> list[str]:
     """Count CUDA devices in a child process, so this process's CUDA stays uninitialised."""
-    torch = sys.modules.get("torch")
-    if torch is not None and getattr(torch.version, "cuda", None) is None and not getattr(torch.version, "hip", None):
-        return []  # a CPU-only torch build: no child process needed
+    # importing torch does not initialise CUDA (CUDA_VISIBLE_DEVICES is read when it does), and the
+    # chunk imports it next anyway; a CPU-only build needs no child process (which costs a torch import)
+    import torch
+
+    if getattr(torch.version, "cuda", None) is None and not getattr(torch.version, "hip", None):
+        return []
     env = {k: v for k, v in os.environ.items() if k != CVD}
     code = "import torch; print(torch.cuda.device_count())"
     try:

@@ -547,6 +547,8 @@ def save_figure(fig, base: Path, formats=FORMATS) -> list[Path]:
         meta = {"Software": "qk-sniffer"} if fmt == "png" else {"Date": None, "Creator": "qk-sniffer"}
         with matplotlib.rc_context({"svg.hashsalt": "qk-sniffer", "svg.fonttype": "path"}):
             fig.savefig(buf, format=fmt, dpi=DPI, metadata=meta)
+        # the first save laid the figure out; later formats reuse that layout instead of solving it again
+        fig.set_layout_engine("none")
         path = Path(f"{base}.{fmt}")
         _atomic_bytes(path, buf.getvalue())
         out.append(path)
