@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -30,6 +29,7 @@ from .modeling import (
     resolve_capture,
     text_config,
 )
+from .progress import ChunkProgress, Segment
 from .writer import ChunkWriter
 
 log = logging.getLogger("qk_sniffer")
@@ -112,14 +112,18 @@ def run_chunk(cfg: dict, chunk: int, num_chunks: int | None = None, root: Path |
     root = Path(root) if root is not None else data_root(cfg)
     split = split_name(cfg)
     out = chunk_dir(root, chunk)
-    if out.exists():  # a previous attempt: nothing in it counts without a manifest
-        shutil.rmtree(out)
     shard = load_shard(cfg, chunk, num_chunks)
     if shard.total == 0:
         raise ConfigError(f"dataset: split {cfg['dataset']['split']!r} of {cfg['dataset']['path']!r} has no rows")
     tokenizer = load_tokenizer(cfg)
     tokenizer.padding_side = cfg["tokenizer"]["padding"]
     tok = tokenize_shard(shard, tokenizer, cfg["tokenizer"]["max_length"])
+    ident = {"chunk": chunk, "num_chunks": num_chunks, "config_fingerprint": chunk_fingerprint(cfg),
+             "example_range": [shard.start, shard.stop], "examples": len(tok.ids)}
+    progress = ChunkProgress.open(out, ident, len(tok.ids), split)
+    if progress.resumed:
+        log.info("chunk %d: resuming after %d of %d examples (%d finished segments)", chunk,
+                 progress.resumed["examples"], len(tok.ids), progress.resumed["segments"])
     device = pick_device(cfg)
     model = load_model(cfg, device)
     spec = resolve_capture(cfg, model.config)
@@ -135,26 +139,46 @@ def run_chunk(cfg: dict, chunk: int, num_chunks: int | None = None, root: Path |
     if cfg["capture"]["capture_token_strings"]:
         token_table = [tokenizer.decode([i]) for i in range(len(tokenizer))]
     n_configs = len(spec.layers) * (len(spec.query_heads) * ("q" in spec.kinds) + len(spec.key_heads) * ("k" in spec.kinds))
-    writer = ChunkWriter(out, split, head_dim=head_dim, n_layers=n_layers, n_heads=n_q,
-                         vector_dtype=cfg["capture"]["vector_dtype"], token_strings=token_table is not None,
-                         token_table=token_table, buffer_bytes=cfg["inference"]["writer_buffer_mb"] << 20,
-                         n_configs_hint=n_configs)
+
+    def new_segment() -> Segment:
+        path = progress.segment_path()
+        return Segment(path, ChunkWriter(
+            path, split, head_dim=head_dim, n_layers=n_layers, n_heads=n_q, vector_dtype=cfg["capture"]["vector_dtype"],
+            token_strings=token_table is not None, token_table=token_table,
+            buffer_bytes=cfg["inference"]["writer_buffer_mb"] << 20, n_configs_hint=n_configs))
+
     lengths = np.array([len(s) for s in tok.ids], dtype=np.int64)
     tokens = int(lengths.sum())
-    computed = done = 0
+    pending = progress.pending()
+    # the pending examples are the tail of the full length-sorted order (the sort is stable), so a
+    # resumed chunk runs exactly the batches an uninterrupted one would have run next
+    batches = [pending[b] for b in length_sorted_batches(lengths[pending], cfg["inference"]["batch_size"])]
+    every = cfg["inference"]["checkpoint_every_s"]
+    done = 0
     bar = _progress(len(tok.ids))
+    bar.update(len(tok.ids) - len(pending))
+    seg = new_segment()
+    t_seg = time.perf_counter()
     try:
-        for idx in length_sorted_batches(lengths, cfg["inference"]["batch_size"]):
-            seqs = [tok.ids[i] for i in idx]
+        for i, idx in enumerate(batches):
+            seqs = [tok.ids[j] for j in idx]
             batch = capturer.run_batch(seqs, tok.example_ids[idx])
-            writer.put(batch)
-            computed += len(idx) * int(lengths[idx].max())
-            done += int(lengths[idx].sum())
+            seg.writer.put(batch)
+            n_tok = int(lengths[idx].sum())
+            seg.add(idx, n_tok, len(idx) * int(lengths[idx].max()))
+            done += n_tok
             bar.update(len(idx))
             bar.set_postfix(tok_s=int(done / max(time.perf_counter() - t_loaded, 1e-9)), refresh=False)
-        rows = writer.close()
+            if every and i + 1 < len(batches) and time.perf_counter() - t_seg >= every:
+                progress.commit(seg, time.perf_counter() - t_seg)
+                seg, t_seg = new_segment(), time.perf_counter()
+        if not seg.empty or not progress.segments:
+            progress.commit(seg, time.perf_counter() - t_seg)
+        else:
+            seg.writer.abort()
+        rows = progress.assemble()
     except BaseException:
-        writer.abort()
+        seg.writer.abort()
         raise
     finally:
         bar.close()
@@ -173,9 +197,9 @@ def run_chunk(cfg: dict, chunk: int, num_chunks: int | None = None, root: Path |
         "skipped_empty": tok.skipped_empty,
         "skipped_invalid": tok.skipped_invalid,
         "tokens": tokens,
-        "computed_tokens": computed,
+        "computed_tokens": progress.totals()["computed_tokens"],
         "rows": {name: int(rows.get(name, 0)) for name in sorted(names)},
-        "files": {name: f"data/{split}/{name}/data.parquet" for name in sorted(rows)},
+        "files": {name: f"data/{split}/{name}/data.parquet" for name in sorted(rows) if rows[name] > 0},
         "config_fingerprint": chunk_fingerprint(cfg),
         "sampling": sampling_settings(cfg),
         "model": {
@@ -194,9 +218,12 @@ def run_chunk(cfg: dict, chunk: int, num_chunks: int | None = None, root: Path |
             "load_s": round(t_loaded - t0, 3),
             "forward_s": round(forward_s, 3),
             "total_s": round(t_done - t0, 3),
-            "tokens_per_s": round(tokens / forward_s, 1) if forward_s > 0 else None,
+            "tokens_per_s": round(done / forward_s, 1) if forward_s > 0 else None,
         },
+        "segments": len(progress.segments),
+        "resumed": progress.resumed,
     }
     atomic_write_json(manifest_path(root, chunk), manifest)
+    progress.cleanup()
     return manifest
 

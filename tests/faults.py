@@ -99,7 +99,8 @@ def make_workdir(path: Path, repo_id: str | None, **sections) -> Path:
     sections = {
         "dataset": {"max_samples": 24},
         "tokenizer": {"max_length": 48},
-        "inference": {"batch_size": 2},
+        # a checkpoint after every batch, so a kill inside a chunk leaves segments that the rerun resumes from
+        "inference": {"batch_size": 2, "checkpoint_every_s": 1e-9},
         "workflow": {"num_chunks": NUM_CHUNKS},
         "output": output,
         **sections,
@@ -236,6 +237,17 @@ def read_configs(root: Path) -> dict[str, pl.DataFrame]:
     base = root / "final" / "data" / SPLIT
     return {p.parent.name: pl.read_parquet(p).sort(["example_id", "position"])
             for p in sorted(base.glob("*/data.parquet"))}
+
+
+def resumed_chunks(root: Path) -> int:
+    """Chunk manifests that record a resume from checkpoints."""
+    n = 0
+    for mf in root.glob("staging/chunk-*/manifest.json"):
+        try:
+            n += bool(json.loads(mf.read_text(encoding="utf-8")).get("resumed"))
+        except (OSError, ValueError):
+            pass
+    return n
 
 
 def incomplete_jobs(work: Path) -> list[str]:
@@ -443,6 +455,7 @@ class TrialResult:
     attempts: list[Attempt]
     problems: list[str]
     wall_s: float
+    resumed_chunks: int = 0  # chunks that resumed from their checkpoints instead of starting over
 
     @property
     def ok(self) -> bool:
@@ -458,7 +471,8 @@ class TrialResult:
 
     def describe(self) -> str:
         lines = [f"trial {self.index} ({self.stage}, {self.repo_id}): {'ok' if self.ok else 'FAILED'}, "
-                 f"{len(self.kills)} kill(s), {self.reruns} rerun(s), {self.wall_s:.1f}s"]
+                 f"{len(self.kills)} kill(s), {self.reruns} rerun(s), {self.resumed_chunks} resumed chunk(s), "
+                 f"{self.wall_s:.1f}s"]
         for a in self.kills:
             landed = ", ".join(sorted({rule_of(o) for o in a.running})) or "between jobs"
             temps = f"; left {len(a.temps)} temp file(s): {', '.join(a.temps[:3])}" if a.temps else ""
@@ -662,7 +676,7 @@ class FaultHarness:
                 problems += self.compare(work, repo)
         except TimeoutError as exc:  # a hung workflow is a finding; the next trial still runs
             problems.append(str(exc))
-        result = TrialResult(index, stage, repo, attempts, problems, time.monotonic() - start)
+        result = TrialResult(index, stage, repo, attempts, problems, time.monotonic() - start, resumed_chunks(root))
         self.log(result.describe())
         return result
 
@@ -752,6 +766,7 @@ def summarize(results: list[TrialResult], wall_s: float) -> dict:
         "kills_leaving_temp_files": sum(1 for r in results for a in r.kills if a.temps),
         "reruns": sum(r.reruns for r in results),
         "max_reruns": max((r.reruns for r in results), default=0),
+        "resumed_chunks": sum(r.resumed_chunks for r in results),
         "wall_s": round(wall_s, 1),
         "all_identical": all(r.ok for r in results),
         "failed": [r.index for r in results if not r.ok],

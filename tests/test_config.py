@@ -86,3 +86,25 @@ def test_shipped_configs_validate(path):
 
     cfg = load_config(REPO / path)
     assert cfg["dataset"]["path"] and cfg["model"]["name"]
+
+
+def test_config_readme_documents_every_schema_key():
+    """config/README.md has a section per schema section and a row for every key in it."""
+    from .conftest import REPO
+
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    text = (REPO / "config/README.md").read_text()
+
+    def keys(props: dict, prefix: str = ""):  # leaf keys, nested ones dotted (sampler.type)
+        for name, sub in props.items():
+            if isinstance(sub, dict) and "properties" in sub:
+                yield from keys(sub["properties"], prefix + name + ".")
+            else:
+                yield prefix + name
+
+    missing = []
+    for section, body in schema["properties"].items():
+        if f"## {section}" not in text:
+            missing.append(f"section {section}")
+        missing += [k for k in keys(body.get("properties", {})) if f"| `{k}` |" not in text]
+    assert not missing, f"config/README.md does not document: {missing}"
