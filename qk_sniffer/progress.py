@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -181,25 +182,30 @@ class ChunkProgress:
     def assemble(self) -> dict[str, int]:
         """Turn the segments into ``data/<split>/<config>/data.parquet`` (one file per config); rows per config."""
         rows = self.totals()["rows"]
-        for name in sorted(n for n, count in rows.items() if count > 0):
-            parts = [data_file(self.out / SEGMENTS / seg["name"], self.split, name) for seg in self.segments
-                     if seg["rows"].get(name, 0) > 0]
-            target = data_file(self.out, self.split, name)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if len(parts) == 1:
-                try:  # a hard link keeps the segment intact until the manifest exists
-                    os.link(parts[0], target)
-                except OSError:
-                    os.replace(parts[0], target)
-                continue
-            first = pq.ParquetFile(parts[0])
-            with atomic_output(target) as fh, \
-                    pq.ParquetWriter(fh, first.schema_arrow, compression="zstd", write_page_checksum=True) as writer:
-                for part in parts:
-                    pf = pq.ParquetFile(part)
-                    for i in range(pf.num_row_groups):
-                        writer.write_table(pf.read_row_group(i))
+        names = sorted(n for n, count in rows.items() if count > 0)
+        # pyarrow decodes and encodes without the GIL: configs are assembled side by side
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            list(pool.map(self._assemble_one, names))
         return rows
+
+    def _assemble_one(self, name: str) -> None:
+        parts = [data_file(self.out / SEGMENTS / seg["name"], self.split, name) for seg in self.segments
+                 if seg["rows"].get(name, 0) > 0]
+        target = data_file(self.out, self.split, name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if len(parts) == 1:
+            try:  # a hard link keeps the segment intact until the manifest exists
+                os.link(parts[0], target)
+            except OSError:
+                os.replace(parts[0], target)
+            return
+        first = pq.ParquetFile(parts[0])
+        with atomic_output(target) as fh, \
+                pq.ParquetWriter(fh, first.schema_arrow, compression="zstd", write_page_checksum=True) as writer:
+            for part in parts:  # row group by row group: memory stays at one row group
+                pf = pq.ParquetFile(part)
+                for i in range(pf.num_row_groups):
+                    writer.write_table(pf.read_row_group(i))
 
     def cleanup(self) -> None:
         """Remove the segments and the journal (after the manifest: a kill here only leaves spare files)."""
