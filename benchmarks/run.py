@@ -38,6 +38,7 @@ GOALS = {
     "padding": "<= 1.15 sorted",
     "resume": "<= 2/6",
     "plan": "report; per-head below a 1B-model forward estimate",
+    "checkpoint": "report; cost per checkpoint / default interval (600 s)",
 }
 
 # model shapes (Llama architecture, random weights)
@@ -50,18 +51,17 @@ SIZES = {
 
 
 def median_ratio(fa, fb, reps: int, warmup: int = 1) -> tuple[float, float, float]:
-    """(median a, median b, median a / median b) with a and b interleaved."""
+    """(median a, median b, median a / median b) with a and b interleaved, taking turns at going first."""
     for _ in range(warmup):
         fa()
         fb()
     ta, tb = [], []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fa()
-        ta.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        fb()
-        tb.append(time.perf_counter() - t)
+    for rep in range(reps):
+        pair = [(fa, ta), (fb, tb)]
+        for fn, acc in (pair if rep % 2 == 0 else pair[::-1]):
+            t = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t)
     ma, mb = statistics.median(ta), statistics.median(tb)
     return ma, mb, ma / mb
 
@@ -255,6 +255,63 @@ def bench_memory(args, tmp: Path) -> list[dict]:
                  goal=GOALS["memory"])]
 
 
+def bench_checkpoint(args, tmp: Path) -> list[dict]:
+    """What one checkpoint inside a chunk costs: the same chunk with a checkpoint after every batch vs none.
+
+    The difference of the two forward times (which include the final assembly of the segments)
+    divided by the number of checkpoints; the overhead at the default interval is that over 600 s.
+    """
+    import polars as pl
+
+    from qk_sniffer.chunk import run_chunk
+    from qk_sniffer.config import validate_config
+
+    model_dir = build_model(args.size, tmp / f"model-{args.size}")
+    seq = args.seq[0]
+    batch = max(1, args.tokens // seq)
+    n_batches = 8
+    texts = [json.loads(line)["text"] for line in (REPO / "config/demo/corpus.jsonl").read_text().splitlines()]
+    texts = [t for t in texts if t.strip()]
+    corpus = tmp / "ckpt-corpus.jsonl"
+    with open(corpus, "w") as fh:  # every example long enough to fill max_length
+        for i in range(batch * n_batches):
+            fh.write(json.dumps({"text": " ".join(texts[(i + j) % len(texts)] for j in range(seq // 8))}) + "\n")
+
+    def cfg(every: float) -> dict:
+        return validate_config({
+            "dataset": {"path": "json", "data_files": str(corpus)},
+            "model": {"name": str(model_dir), "dtype": args.dtype},
+            "tokenizer": {"max_length": seq},
+            "inference": {"batch_size": batch, "device": args.device, "checkpoint_every_s": every},
+            "capture": {"min_bucket_size": 128},
+            "output": {"data_root": str(tmp / f"ckpt-{every}"), "split_name": "bench"},
+        })
+
+    def rows(every: float) -> dict:
+        base = tmp / f"ckpt-{every}" / "staging/chunk-0/data/bench"
+        return {p.parent.name: pl.read_parquet(p).sort(["example_id", "position"]) for p in base.glob("*/data.parquet")}
+
+    times: dict[float, list[float]] = {0: [], 1e-9: []}
+    segments = 1
+    reps = max(3, min(args.reps, 5))
+    for rep in range(reps + 1):  # the first pair is the warm-up
+        for every in ((0, 1e-9) if rep % 2 == 0 else (1e-9, 0)):
+            man = run_chunk(cfg(every), 0, 1)
+            if rep:
+                times[every].append(man["timings"]["forward_s"])
+            if every:
+                segments = man["segments"]
+    a, b = rows(0), rows(1e-9)
+    assert a.keys() == b.keys() and all(a[k].select(["example_id", "position"]).equals(
+        b[k].select(["example_id", "position"])) for k in a), "checkpointed chunk has other rows"
+    t_none, t_every = statistics.median(times[0]), statistics.median(times[1e-9])
+    per = (t_every - t_none) / max(1, segments - 1)
+    return [dict(benchmark="checkpoint",
+                 case=f"{args.size} {args.device} {args.dtype} {batch}x{seq}, {len(a)} configs, {segments - 1} checkpoints",
+                 a=f"one per batch {t_every:.2f} s", b=f"none {t_none:.2f} s; {per * 1e3:.0f} ms per checkpoint",
+                 ratio=round(per / 600, 5), goal=GOALS["checkpoint"])]
+
+
 def synth_staging(root: Path, cfg: dict, *, n_chunks: int, n_layers: int, n_heads: int, rows_per_file: int,
                   head_dim: int, seed: int = 0) -> int:
     """Staged chunks shaped like sniff-chunk's output (random vectors); returns the staged row count."""
@@ -377,16 +434,31 @@ def _snakemake(work: Path, cfg_path: Path, *extra: str, wait: bool = True, **kw)
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, **kw)
 
 
+def _journal_done(chunk: Path) -> int:
+    """Examples the finished segments of a running chunk hold (0 while it has none)."""
+    try:
+        j = json.loads((chunk / "progress.json").read_text())
+        return sum(b - a for seg in j["segments"] for a, b in seg["done"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 def bench_resume(args, tmp: Path) -> list[dict]:
+    """A 6-chunk run killed half-way through its 5th chunk, then resumed, vs the same run uninterrupted.
+
+    Chunks carry ~20 s of forward each on this model, and checkpoint every 2 s: the same proportion
+    as a real chunk of a few hours with the default 10-minute interval.
+    """
     import signal
 
     import yaml
 
+    per_chunk = 2000
     corpus = tmp / "resume-corpus.jsonl"
     texts = [json.loads(line)["text"] for line in (REPO / "config/demo/corpus.jsonl").read_text().splitlines()]
     texts = [t for t in texts if t.strip()]
     with open(corpus, "w") as fh:
-        for i in range(1200):
+        for i in range(6 * per_chunk):
             fh.write(json.dumps({"text": " ".join(texts[(i + j) % len(texts)] for j in range(3))}) + "\n")
 
     def config(work: Path) -> Path:
@@ -395,7 +467,7 @@ def bench_resume(args, tmp: Path) -> list[dict]:
             "dataset": {"path": "json", "data_files": str(corpus)},
             "model": {"name": str(REPO / "models/tiny/llama")},
             "tokenizer": {"max_length": 512},
-            "inference": {"batch_size": 16},
+            "inference": {"batch_size": 16, "checkpoint_every_s": 2},
             "capture": {"min_bucket_size": 16, "sampler": {"base_rate": 4.0}},
             "output": {"data_root": "data", "split_name": "bench"},
             "workflow": {"num_chunks": 6},
@@ -413,18 +485,27 @@ def bench_resume(args, tmp: Path) -> list[dict]:
     kill_w = tmp / "resume-kill"
     path = config(kill_w)
     proc = _snakemake(kill_w, path, wait=False)
-    deadline = time.time() + 600
-    while time.time() < deadline and len(list(kill_w.glob("data/staging/chunk-*/manifest.json"))) < 4:
+    deadline = time.time() + 1800
+    staging = kill_w / "data/staging"
+    running = None
+    while time.time() < deadline:
+        finished = {m.parent for m in staging.glob("chunk-*/manifest.json")}
+        if len(finished) >= 4:
+            running = next((d for d in staging.glob("chunk-*") if d not in finished and _journal_done(d)), None)
+            if running is not None and _journal_done(running) >= per_chunk // 2:
+                break
         time.sleep(0.05)
-    time.sleep(0.5)  # chunk 5 is running
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = len(list(kill_w.glob("data/staging/chunk-*/manifest.json")))
+    done_before = len(list(staging.glob("chunk-*/manifest.json")))
+    salvaged = _journal_done(running) if running is not None else 0
     _snakemake(kill_w, path, "--unlock")
     t = time.perf_counter()
     _snakemake(kill_w, path, "--rerun-incomplete")
     rerun = time.perf_counter() - t
-    return [dict(benchmark="resume", case=f"6 chunks x 200 examples, killed after {done_before} chunks finished",
+    return [dict(benchmark="resume",
+                 case=f"6 chunks x {per_chunk} examples, killed after {done_before} chunks + {salvaged} examples "
+                      "of the 5th (checkpointed)",
                  a=f"rerun {rerun:.1f} s", b=f"full run {full:.1f} s", ratio=round(rerun / full, 3),
                  goal=GOALS["resume"])]
 
@@ -437,6 +518,7 @@ BENCHES = {
     "memory": bench_memory,
     "merge": bench_merge,
     "resume": bench_resume,
+    "checkpoint": bench_checkpoint,
 }
 
 
