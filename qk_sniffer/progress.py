@@ -10,7 +10,8 @@ short) and runs only the examples no listed segment holds.
 
 Which tokens are kept is a pure function of their coordinates (DESIGN.md section 4), and the
 remaining examples are batched exactly as the tail of an uninterrupted run's length-sorted batch
-order, so a resumed chunk produces the same rows, bit for bit, as one that was never killed.
+order, so a resumed chunk holds the same rows as one that was never killed, computed in the same
+batches (within one process, bit for bit).
 
 At the end the segments become the chunk's one file per config (a rename when there is one
 segment, otherwise a streamed concatenation, row group by row group), the manifest is written,
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from .layout import atomic_output, atomic_write_json, data_file
+from .layout import atomic_output, atomic_write_json, data_file, remove_stale_temps
 
 log = logging.getLogger("qk_sniffer")
 
@@ -90,6 +91,7 @@ class ChunkProgress:
             reason = prog._load(journal)
             if reason is None:
                 prog._remove_unlisted()
+                remove_stale_temps(prog.out)  # e.g. the journal's own temporary file, when a kill hit its write
                 if prog.segments:
                     prog.resumed = {"examples": int(prog.done.sum()), "segments": len(prog.segments)}
                 return prog
