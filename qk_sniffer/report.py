@@ -9,6 +9,11 @@ plus a few small per-split tables, whatever the size of the dataset:
   contains all of ``b``'s positions, so each of its configs holds ``width(b) * p(b)`` rows of
   ``b`` on average. The decision for a token depends only on its own coordinates, so choosing
   those examples by rows at other positions does not bias the count;
+- the vector statistics below over a bounded prefix of the examples: the rows of every config
+  whose ``example_id`` is below the id at row ``VECTOR_SAMPLE_ROWS`` of the largest config (files
+  are sorted by example id, so this is a prefix of each file, and queries and keys of one example
+  are always in or out together); the rest of a file is read without its vector column, so the
+  report's cost stops growing with the dataset;
 - query and key norm quartiles per (layer, kind, bucket), read from log-spaced histograms
   (``BINS_PER_DECADE`` bins per decade: quantiles are exact to about 1 %);
 - mean norm per (layer, head, kind) and the mean cosine between the queries of a head and the
@@ -51,6 +56,7 @@ KIND_COLOR = {"q": "#1f6fb4", "k": "#c8402a"}
 CARD_FIGURE = Path("figures") / "rows_per_bucket.png"
 FORMATS = ("png", "svg")
 BATCH_ROWS = 65536
+VECTOR_SAMPLE_ROWS = 1 << 16  # rows of the largest config whose vectors the norm and cosine statistics read
 # norm histograms: log10(norm) in [LOG10_LO, LOG10_HI), BINS_PER_DECADE bins per decade; values outside are
 # counted in the first/last bin (a zero vector in the first)
 LOG10_LO, LOG10_HI, BINS_PER_DECADE = -6.0, 6.0, 200
@@ -309,6 +315,52 @@ def _read_batches(path: Path, columns: list[str]):
         raise _damaged(path, exc) from exc
 
 
+def _sample_cutoff(paths: list[Path], limit: int) -> int | None:
+    """The example id below which vectors are read: the id at row ``limit`` of the largest file (None: all)."""
+    sizes = []
+    for p in paths:
+        try:
+            sizes.append((pq.ParquetFile(p).metadata.num_rows, p))
+        except Exception as exc:  # noqa: BLE001 - any decoding failure means a damaged file
+            raise _damaged(p, exc) from exc
+    if not sizes or max(sizes)[0] <= limit:
+        return None
+    path = max(sizes)[1]
+    seen = 0
+    for batch in _read_batches(path, ["example_id"]):
+        if seen + batch.num_rows > limit:
+            return int(batch.column("example_id")[limit - seen].as_py())
+        seen += batch.num_rows
+    return None
+
+
+def _row_groups(path: Path, cutoff: int | None):
+    """``(batch, sampled)`` over ``path``: with vectors up to the first batch at or past ``cutoff``, then
+    the remaining rows without their vector column (whose pages are then never read)."""
+    full = ["bucket", "example_id", "position", "vector"]
+    try:
+        pf = pq.ParquetFile(path)
+        done = 0
+        for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=full):
+            if cutoff is not None and batch.num_rows and batch.column("example_id")[0].as_py() >= cutoff:
+                break
+            yield batch, True
+            done += batch.num_rows
+        else:
+            return
+        skip = done
+        for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=["bucket", "example_id"]):
+            if skip >= batch.num_rows:
+                skip -= batch.num_rows
+                continue
+            yield (batch.slice(skip) if skip else batch), False
+            skip = 0
+    except ReportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any decoding failure means a damaged file
+        raise _damaged(path, exc) from exc
+
+
 def _vectors(batch) -> np.ndarray:
     col = batch.column("vector")
     d = col.type.list_size
@@ -332,6 +384,8 @@ class _SplitScan:
         self.root, self.split, self.meta = root, split, meta
         self.sampling = _usable_sampling(meta)
         self.configs = _config_table(root, split)
+        self.cutoff = _sample_cutoff([p for *_, p in self.configs], VECTOR_SAMPLE_ROWS)
+        self.sampled_rows = 0
         ext = _extents([p for *_, p in self.configs])
         self.ext_ids = ext.get_column("example_id").to_numpy()
         self.ext_max = ext.get_column("max_position").to_numpy()
@@ -344,25 +398,17 @@ class _SplitScan:
     # -- one file
     def _scan(self, layer: int, head: int, kind: str, path: Path, keys: _Groups | None, want_groups: bool):
         lk = self.layer_kind.setdefault((layer, kind), _LayerKind())
-        n_rows, norm_total = 0, 0.0
+        n_rows, n_vec, norm_total = 0, 0, 0.0
         parts: list[_Groups] = []
         dot, pairs = 0.0, 0
-        for batch in _read_batches(path, ["bucket", "example_id", "position", "vector"]):
+        for batch, sampled in _row_groups(path, self.cutoff):
             if batch.num_rows == 0:
                 continue
             bucket = batch.column("bucket").to_numpy(zero_copy_only=False).astype(np.int64)
             ex = batch.column("example_id").to_numpy(zero_copy_only=False).astype(np.int64)
-            vec = _vectors(batch)
-            norms = np.sqrt(np.einsum("ij,ij->i", vec, vec))
             n_rows += batch.num_rows
-            norm_total += float(norms.sum())
-            lk.hist.add(bucket, norms)
-            ub, inv = np.unique(bucket, return_inverse=True)
-            cnt = np.bincount(inv)
-            sums = np.bincount(inv, weights=norms)
-            for b, c, s in zip(ub.tolist(), cnt.tolist(), sums.tolist()):
-                lk.n[b] = lk.n.get(b, 0) + c
-                lk.norm_sum[b] = lk.norm_sum.get(b, 0.0) + s
+            ub, cnt = np.unique(bucket, return_counts=True)
+            for b, c in zip(ub.tolist(), cnt.tolist()):
                 self.rows[kind][b] = self.rows[kind].get(b, 0) + c
             if self.sampling is not None:
                 _, hi = bucket_bounds(bucket, self.sampling)
@@ -371,6 +417,24 @@ class _SplitScan:
                 cb, cc = np.unique(bucket[covered], return_counts=True)
                 for b, c in zip(cb.tolist(), cc.tolist()):
                     self.covered_rows[kind][b] = self.covered_rows[kind].get(b, 0) + c
+            if not sampled:
+                continue
+            if self.cutoff is not None and ex[-1] >= self.cutoff:  # the batch that crosses the cutoff
+                keep = ex < self.cutoff
+                batch, bucket, ex = batch.filter(keep), bucket[keep], ex[keep]
+                if batch.num_rows == 0:
+                    continue
+            vec = _vectors(batch)
+            norms = np.sqrt(np.einsum("ij,ij->i", vec, vec))
+            n_vec += batch.num_rows
+            norm_total += float(norms.sum())
+            lk.hist.add(bucket, norms)
+            ub, inv = np.unique(bucket, return_inverse=True)
+            cnt = np.bincount(inv)
+            sums = np.bincount(inv, weights=norms)
+            for b, c, s in zip(ub.tolist(), cnt.tolist(), sums.tolist()):
+                lk.n[b] = lk.n.get(b, 0) + c
+                lk.norm_sum[b] = lk.norm_sum.get(b, 0.0) + s
             if keys is not None or want_groups:
                 ok = norms > 0
                 unit = np.divide(vec, norms[:, None], out=np.zeros_like(vec), where=ok[:, None])
@@ -382,9 +446,10 @@ class _SplitScan:
                     iq, ik = hit.get_column("iq").to_numpy(), hit.get_column("ik").to_numpy()
                     dot += float(np.einsum("ij,ij->", g.sums[iq], keys.sums[ik]))
                     pairs += int((g.count[iq] * keys.count[ik]).sum())
+        self.sampled_rows += n_vec
         self.config_stats[path.parent.name] = {
-            "layer": layer, "head": head, "kind": kind, "rows": n_rows,
-            "mean_norm": norm_total / n_rows if n_rows else None,
+            "layer": layer, "head": head, "kind": kind, "rows": n_rows, "vector_rows": n_vec,
+            "mean_norm": norm_total / n_vec if n_vec else None,
         }
         groups = _Groups.concat(parts) if parts else None
         return groups, dot, pairs
@@ -469,6 +534,7 @@ class _SplitScan:
             "dataset": self.meta.get("dataset"),
             "examples": int(self.ext_ids.size),
             "rows_total": int(sum(sum(v.values()) for v in self.rows.values())),
+            "vector_sample": {"example_id_below": self.cutoff, "rows": int(self.sampled_rows)},
             "configs": dict(sorted(self.config_stats.items())),
             "config_counts": n_cfg,
             "independent_streams": streams,
@@ -637,7 +703,8 @@ def _draw_check(ax, st: dict) -> None:
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=1, frameon=False)
 
 
-def _title(split: str, st: dict) -> str:
+def _title(split: str, st: dict, vectors: bool = False) -> str:
+    """The figure title; ``vectors``: the figure shows vector statistics, so it names their sample when bounded."""
     model = (st.get("model") or {}).get("name")
     smp = st.get("sampling") or {}
     bits = [f"split {split}"]
@@ -645,6 +712,9 @@ def _title(split: str, st: dict) -> str:
         bits.append(str(model))
     if smp:
         bits.append(f"{smp['type']} sampler, base_rate {smp['base_rate']:g}, min_bucket_size {smp['min_bucket_size']}")
+    sample = st.get("vector_sample") or {}
+    if vectors and sample.get("example_id_below") is not None:
+        bits.append(f"vectors of examples with id < {sample['example_id_below']} ({sample['rows']:,} rows)")
     return " | ".join(bits)
 
 
@@ -704,7 +774,7 @@ def render_norms(split: str, st: dict, kind: str, base: Path, formats=FORMATS) -
             ax.set_xlabel(_bucket_label(st.get("sampling")))
             ax.grid(alpha=0.3)
         fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax2, label="layer")
-    fig.suptitle(f"{KIND_LABEL[kind]} norms by position bucket | {_title(split, st)}", fontsize=10)
+    fig.suptitle(f"{KIND_LABEL[kind]} norms by position bucket | {_title(split, st, vectors=True)}", fontsize=10)
     return save_figure(fig, base, formats)
 
 
@@ -761,7 +831,7 @@ def render_heads(split: str, st: dict, base: Path, formats=FORMATS) -> list[Path
     cos = {la: {h: c["mean"] for h, c in v.items()} for la, v in heads["cosine"].items()}
     _heat(fig, ax3, cos, "mean cos(q of head h, k of its key head)\nsame example, same bucket", "query head h",
           diverging=True)
-    fig.suptitle(_title(split, st), fontsize=10)
+    fig.suptitle(_title(split, st, vectors=True), fontsize=10)
     return save_figure(fig, base, formats)
 
 
@@ -838,6 +908,8 @@ def metadata_rows(split: str, st: dict, meta: dict) -> list[tuple[str, str, str]
         ("data", "rows", _cell(st["rows_total"])),
         ("data", "configs", f"{len(st['configs'])} ({st['config_counts']['q']} query, {st['config_counts']['k']} key)"),
         ("data", "examples with rows", _cell(st["examples"])),
+        ("data", "vector statistics over", "every row" if (st.get("vector_sample") or {}).get("example_id_below") is None
+         else f"examples with id < {st['vector_sample']['example_id_below']} ({st['vector_sample']['rows']} rows)"),
         ("data", "metadata read from", _cell(st.get("metadata_source"))),
     ]
     timings = (meta.get("run") or {}).get("timings") or {}

@@ -410,3 +410,58 @@ def test_large_model_layouts_draw(tmp_path):
         assert_png(p)
     for p in render_heads("big", st, tmp_path / "heads", formats=("png", "svg")):
         assert_png(p) if p.suffix == ".png" else assert_svg(p)
+
+
+def test_vector_statistics_read_a_bounded_prefix_of_examples(final, rendered, tmp_path, monkeypatch):
+    """Past VECTOR_SAMPLE_ROWS rows, norms and cosines come from a prefix of the examples; counts stay exact."""
+    import qk_sniffer.report as report
+
+    _, src = final
+    _, _, full = rendered
+    root = tmp_path / "root"
+    shutil.copytree(src, root)
+    for path in files_of(root):  # several row groups, so the cutoff falls inside the file
+        pq.write_table(pq.read_table(path), path, row_group_size=16)
+    read = []
+    orig = pq.ParquetFile.iter_batches
+
+    def spy(self, *a, columns=None, **kw):
+        read.append("vector" in (columns or []))
+        return orig(self, *a, columns=columns, **kw)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+    largest = max(files_of(root), key=lambda p: pq.ParquetFile(p).metadata.num_rows)
+    limit = pq.ParquetFile(largest).metadata.num_rows // 3
+    monkeypatch.setattr(report, "VECTOR_SAMPLE_ROWS", limit)
+    monkeypatch.setattr(report, "BATCH_ROWS", 32)  # several batches per file, so the cutoff falls inside one
+    st = report.compute_stats(root)["splits"][SPLIT]
+    # the cutoff: the example id at row `limit` of the largest config
+    cutoff = pq.read_table(largest, columns=["example_id"]).column("example_id")[limit].as_py()
+    assert st["vector_sample"]["example_id_below"] == cutoff
+    assert any(read) and not all(read)  # rows past the cutoff were read without their vectors
+    # counts are over every row
+    want = full["splits"][SPLIT]
+    assert st["rows_total"] == want["rows_total"]
+    assert [(b["bucket"], b["rows"]) for b in st["buckets"]] == [(b["bucket"], b["rows"]) for b in want["buckets"]]
+    assert [b.get("covered_rows") for b in st["buckets"]] == [b.get("covered_rows") for b in want["buckets"]]
+    # vector statistics are over the rows of examples below the cutoff, in every config
+    sampled = 0
+    for path in files_of(root):
+        df = with_norm(pl.read_parquet(path).filter(pl.col("example_id") < cutoff))
+        name = path.parent.name
+        layer, head, kind = int(name[1:3]), int(name[4:6]), name[-1]
+        assert st["configs"][name]["vector_rows"] == df.height
+        assert st["heads"]["mean_norm"][kind][layer][head] == pytest.approx(df.get_column("norm").mean(), rel=1e-9)
+        sampled += df.height
+    assert st["vector_sample"]["rows"] == sampled < want["rows_total"]
+    layer, h, group = 2, 3, 2
+    q = pl.read_parquet(root / f"final/data/{SPLIT}/l{layer:02d}h{h:02d}q/data.parquet").filter(pl.col("example_id") < cutoff)
+    k = pl.read_parquet(root / f"final/data/{SPLIT}/l{layer:02d}h{h // group:02d}k/data.parquet")
+    pairs = q.select("example_id", "bucket", "vector").join(
+        k.select("example_id", "bucket", pl.col("vector").alias("kv")), on=["example_id", "bucket"])
+    qv = pairs.get_column("vector").to_numpy().astype(np.float64)
+    kv = pairs.get_column("kv").to_numpy().astype(np.float64)
+    cos = (qv * kv).sum(1) / np.linalg.norm(qv, axis=1) / np.linalg.norm(kv, axis=1)
+    got = st["heads"]["cosine"][layer][h]
+    assert got["pairs"] == pairs.height > 0
+    assert got["mean"] == pytest.approx(cos.mean(), rel=1e-9, abs=1e-12)
