@@ -66,6 +66,15 @@ def with_norm(df: pl.DataFrame) -> pl.DataFrame:
                            .arr.eval(pl.element().pow(2)).arr.sum().sqrt().alias("norm"))
 
 
+def pair_cosines(q: pl.DataFrame, k: pl.DataFrame) -> np.ndarray:
+    """cos(q, k) of every pair of a query row and a key row with the same (example_id, bucket), by brute force."""
+    pairs = q.select("example_id", "bucket", "vector").join(
+        k.select("example_id", "bucket", pl.col("vector").alias("kv")), on=["example_id", "bucket"])
+    qv = pairs.get_column("vector").to_numpy().astype(np.float64)
+    kv = pairs.get_column("kv").to_numpy().astype(np.float64)
+    return (qv * kv).sum(1) / np.linalg.norm(qv, axis=1) / np.linalg.norm(kv, axis=1)
+
+
 # -- figures ------------------------------------------------------------------------------------
 
 
@@ -218,14 +227,10 @@ def test_head_means_and_cosine_match_brute_force(final, rendered):
     for h in range(model["num_heads"]):
         q = pl.read_parquet(root / f"final/data/{SPLIT}/l{layer:02d}h{h:02d}q/data.parquet")
         k = pl.read_parquet(root / f"final/data/{SPLIT}/l{layer:02d}h{h // group:02d}k/data.parquet")
-        pairs = q.select("example_id", "bucket", "vector").join(
-            k.select("example_id", "bucket", pl.col("vector").alias("kv")), on=["example_id", "bucket"])
-        qv = pairs.get_column("vector").to_numpy().astype(np.float64)
-        kv = pairs.get_column("kv").to_numpy().astype(np.float64)
-        cos = (qv * kv).sum(1) / np.linalg.norm(qv, axis=1) / np.linalg.norm(kv, axis=1)
+        cos = pair_cosines(q, k)
         got = heads["cosine"][str(layer)][str(h)]
         assert got["kv_head"] == h // group
-        assert got["pairs"] == pairs.height > 50
+        assert got["pairs"] == cos.size > 50
         assert got["mean"] == pytest.approx(cos.mean(), rel=1e-9, abs=1e-12)
 
 
@@ -457,11 +462,7 @@ def test_vector_statistics_read_a_bounded_prefix_of_examples(final, rendered, tm
     layer, h, group = 2, 3, 2
     q = pl.read_parquet(root / f"final/data/{SPLIT}/l{layer:02d}h{h:02d}q/data.parquet").filter(pl.col("example_id") < cutoff)
     k = pl.read_parquet(root / f"final/data/{SPLIT}/l{layer:02d}h{h // group:02d}k/data.parquet")
-    pairs = q.select("example_id", "bucket", "vector").join(
-        k.select("example_id", "bucket", pl.col("vector").alias("kv")), on=["example_id", "bucket"])
-    qv = pairs.get_column("vector").to_numpy().astype(np.float64)
-    kv = pairs.get_column("kv").to_numpy().astype(np.float64)
-    cos = (qv * kv).sum(1) / np.linalg.norm(qv, axis=1) / np.linalg.norm(kv, axis=1)
+    cos = pair_cosines(q, k)
     got = st["heads"]["cosine"][layer][h]
-    assert got["pairs"] == pairs.height > 0
+    assert got["pairs"] == cos.size > 0
     assert got["mean"] == pytest.approx(cos.mean(), rel=1e-9, abs=1e-12)
