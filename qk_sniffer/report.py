@@ -334,7 +334,7 @@ def _sample_cutoff(paths: list[Path], limit: int) -> int | None:
     return None
 
 
-def _row_groups(path: Path, cutoff: int | None):
+def _batches_sampled(path: Path, cutoff: int | None):
     """``(batch, sampled)`` over ``path``: with vectors up to the first batch at or past ``cutoff``, then
     the remaining rows without their vector column (whose pages are then never read)."""
     full = ["bucket", "example_id", "position", "vector"]
@@ -355,8 +355,6 @@ def _row_groups(path: Path, cutoff: int | None):
                 continue
             yield (batch.slice(skip) if skip else batch), False
             skip = 0
-    except ReportError:
-        raise
     except Exception as exc:  # noqa: BLE001 - any decoding failure means a damaged file
         raise _damaged(path, exc) from exc
 
@@ -401,7 +399,7 @@ class _SplitScan:
         n_rows, n_vec, norm_total = 0, 0, 0.0
         parts: list[_Groups] = []
         dot, pairs = 0.0, 0
-        for batch, sampled in _row_groups(path, self.cutoff):
+        for batch, sampled in _batches_sampled(path, self.cutoff):
             if batch.num_rows == 0:
                 continue
             bucket = batch.column("bucket").to_numpy(zero_copy_only=False).astype(np.int64)

@@ -125,13 +125,12 @@ def assert_same_rows(a, b, what: str = "") -> None:
     """Two Arrow tables or polars frames sorted by key: equal keys and columns, vectors to CROSS_PROCESS_RTOL."""
     import numpy as np
 
-    for col in a.column_names if hasattr(a, "column_names") else a.columns:
-        x, y = a[col], b[col]
+    a, b = (t.to_arrow() if hasattr(t, "to_arrow") else t for t in (a, b))
+    for col in a.column_names:
         if col != "vector":
-            assert x.equals(y), f"{what}: column {col} differs"
+            assert a[col].equals(b[col]), f"{what}: column {col} differs"
             continue
-        vx = np.stack(x.to_numpy(zero_copy_only=False)) if hasattr(x, "combine_chunks") else np.stack(x.to_numpy())
-        vy = np.stack(y.to_numpy(zero_copy_only=False)) if hasattr(y, "combine_chunks") else np.stack(y.to_numpy())
+        vx, vy = (np.stack(t[col].to_numpy(zero_copy_only=False)) for t in (a, b))
         scale = np.maximum(np.abs(vy).max(axis=1, keepdims=True), 1e-30)
         err = float((np.abs(vx - vy) / scale).max()) if vx.size else 0.0
         assert vx.shape == vy.shape and err <= CROSS_PROCESS_RTOL, f"{what}: vectors differ (relative {err:.2e})"

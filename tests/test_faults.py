@@ -42,6 +42,7 @@ from .faults import (
     temp_files,
     tree_problems,
 )
+from .test_fakehub import CARD
 
 TRIALS = int(os.environ.get("QK_FAULT_TRIALS", "4"))
 SEED = int(os.environ.get("QK_FAULT_SEED", "0"))
@@ -69,23 +70,9 @@ def parquet(n: int) -> bytes:
     return buf.getvalue()
 
 
-CARD = b"""---
-configs:
-- config_name: all
-  default: true
-  data_files:
-  - split: tiny
-    path: data/tiny/*/*.parquet
-- config_name: l00h00q
-  data_files:
-  - split: tiny
-    path: data/tiny/l00h00q/*.parquet
----
-"""
-
 
 def test_tree_check_finds_half_states():
-    good = {"README.md": CARD, "data/tiny/l00h00q/data.parquet": parquet(3)}
+    good = {"README.md": CARD, "data/tiny/l00h00q/data.parquet": parquet(3), "data/tiny/l00h01q/data.parquet": parquet(2)}
     assert tree_problems(good, "t") == []
     assert tree_problems({"data/tiny/l00h00q/data.parquet": parquet(3)}, "t") == []  # data before its card: fine
     truncated = {**good, "data/tiny/l00h00q/data.parquet": parquet(3)[:-20]}
@@ -104,7 +91,8 @@ def test_remote_check_looks_at_every_commit():
     with FakeHub() as hub:
         assert remote_problems(hub, "tester/none") == []  # no repository yet: a consistent state
         hub.create_repo("tester/r")
-        hub.commit("tester/r", {"README.md": CARD, "data/tiny/l00h00q/data.parquet": parquet(2)})
+        hub.commit("tester/r", {"README.md": CARD, "data/tiny/l00h00q/data.parquet": parquet(2),
+                                "data/tiny/l00h01q/data.parquet": parquet(2)})
         assert remote_problems(hub, "tester/r") == []
         hub.commit("tester/r", {"data/tiny/l00h00q/data.parquet": b"PAR1 cut"})
         hub.commit("tester/r", {"data/tiny/l00h00q/data.parquet": parquet(4)})  # repaired at the head, not before

@@ -39,7 +39,7 @@ def reference(tmp_path: Path, **sections) -> dict:
     return staged(tmp_path / "reference")
 
 
-def assert_same_rows(got: dict, want: dict) -> None:
+def assert_same_configs(got: dict, want: dict) -> None:
     """Every column of every config equal, vectors bit for bit (one process, and the resumed batches are the
     same batches)."""
     assert got.keys() == want.keys()
@@ -69,7 +69,7 @@ def test_checkpointed_chunk_equals_one_written_in_one_piece(tmp_path):
     cfg = chunk_config(tmp_path / "ck", inference={"checkpoint_every_s": EVERY_BATCH})
     man = run_chunk(cfg, 0, 1)
     assert man["segments"] == 15 and man["resumed"] is None  # 29 examples (one text is empty), 2 per batch, one segment per batch
-    assert_same_rows(staged(tmp_path / "ck"), reference(tmp_path))
+    assert_same_configs(staged(tmp_path / "ck"), reference(tmp_path))
     out = chunk_dir(tmp_path / "ck", 0)
     assert not (out / SEGMENTS).exists() and not (out / JOURNAL).exists()
     for name, n in man["rows"].items():  # one file per config, its row count as recorded
@@ -107,7 +107,7 @@ def test_interrupted_chunk_resumes_where_it_stopped(tmp_path, monkeypatch, caplo
     assert sum(done_batches) == 17  # only the examples no finished segment held (29: one text is empty)
     assert man["resumed"] == {"examples": 12, "segments": 6}
     assert man["examples"] == 29 and man["segments"] == 15
-    assert_same_rows(staged(root), reference(tmp_path))
+    assert_same_configs(staged(root), reference(tmp_path))
     assert not (chunk_dir(root, 0) / SEGMENTS).exists() and not stale_journal.exists()
 
 
@@ -187,7 +187,7 @@ def test_unusable_journal_starts_the_chunk_over(tmp_path, monkeypatch, caplog, d
         man = run_chunk(cfg, 0, 1)
     assert "cannot be used" in caplog.text and "starting the chunk over" in caplog.text
     assert man["resumed"] is None
-    assert_same_rows(staged(root), reference(tmp_path, **sections))
+    assert_same_configs(staged(root), reference(tmp_path, **sections))
 
 
 def test_no_checkpoints_when_disabled(tmp_path, monkeypatch):
@@ -209,5 +209,5 @@ def test_a_finished_chunk_run_again_starts_over(tmp_path):
     run_chunk(cfg, 0, 1)
     man = run_chunk(cfg, 0, 1)
     assert man["resumed"] is None and man["segments"] == 15
-    assert_same_rows(staged(root), reference(tmp_path))
+    assert_same_configs(staged(root), reference(tmp_path))
 
