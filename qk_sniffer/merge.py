@@ -4,8 +4,21 @@ Per ``(split, config)`` the final file and the staged chunk files are unioned on
 ``(example_id, position)``; rows already in ``final/`` win, and staged rows whose key exists with
 a different vector are counted as conflicts and reported in ``final/.merged.json``. Only files
 whose row set grows are rewritten, each atomically, so a second merge of the same chunks touches
-nothing. Memory is bounded by one config (its final file plus its staged rows) per worker thread
-(``MERGE_WORKERS``, two at most).
+nothing.
+
+Two ways to write a grown file, chosen per config:
+
+- **append** when every staged row's key comes after every key already there (new examples: the
+  chunks of a run cover disjoint, increasing example ranges and sniff-chunk writes each staged file
+  sorted, in the final format): the final file's bytes and the staged files' row groups are
+  concatenated byte for byte under one new footer (``qk_sniffer.parquet.concat_files``). Only the
+  key and bucket columns are read. Memory stays at a few columns of one staged file.
+- **rewrite** otherwise (keys that interleave or repeat, or files whose Parquet schema or metadata
+  differ): the union is decoded, deduplicated, sorted and encoded again. Memory is bounded by one
+  config (its final file plus its staged rows) per worker thread (``MERGE_WORKERS``, two at most).
+
+Both give the same rows in the same order; ``final/.merged.json`` records which one each touched
+config took (``methods``).
 """
 
 from __future__ import annotations
@@ -19,13 +32,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import chunk_fingerprint, data_root, sampling_settings, split_name
 from .layout import (
-    atomic_output,
     atomic_write_json,
     data_file,
     final_dir,
@@ -33,13 +46,12 @@ from .layout import (
     remove_stale_temps,
     staging_dir,
 )
+from .parquet import KEYS, Footer, FooterError, concat_files, read_footer, write_parquet_atomic
 
 log = logging.getLogger("qk_sniffer")
 
-KEYS = ["example_id", "position"]
 MERGED_NAME = ".merged.json"
 CHUNK_DIR_RE = re.compile(r"^chunk-(\d+)$")
-ROW_GROUP_BYTES = 64 << 20  # uncompressed bytes per row group: small enough for the Hub viewer, large enough to scan
 CONFLICT_EXAMPLES = 5
 MERGE_WORKERS = min(2, os.cpu_count() or 1)  # configs merged at once: memory holds this many configs, no more
 
@@ -159,25 +171,6 @@ def _corrupt(path: Path, exc: BaseException) -> MergeError:
 # -- writing ----------------------------------------------------------------------------------
 
 
-def row_group_rows(schema: pa.Schema) -> int:
-    vec = schema.field("vector").type
-    per_row = 32 + vec.list_size * vec.value_type.bit_width // 8
-    return int(min(1 << 20, max(8192, ROW_GROUP_BYTES // per_row)))
-
-
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    """zstd, content-defined chunking (Xet dedups unchanged pages), sorted-by metadata; temp file + rename."""
-    names = table.schema.names
-    sorting = [pq.SortingColumn(names.index(k)) for k in KEYS]
-    with atomic_output(path) as fh:
-        pq.write_table(
-            table, fh, compression="zstd", use_content_defined_chunking=True, write_page_checksum=True,
-            row_group_size=row_group_rows(table.schema), sorting_columns=sorting,
-            use_dictionary=[n for n in names if n != "vector"],  # float vectors never repeat
-            write_statistics=[n for n in names if n != "vector"],
-        )
-
-
 def _read(path: Path, what: str) -> pl.DataFrame:
     try:
         return pl.read_parquet(path)
@@ -236,6 +229,108 @@ def _merge_config(final_path: Path, staged_paths: list[Path]) -> tuple[pl.DataFr
     return merged.sort(KEYS), stats
 
 
+def _last_key(footer: Footer) -> tuple[int, int] | None:
+    """The largest key of a sorted data file: its last row (None when it has no rows, or its row group
+    statistics say a larger example id lives elsewhere, i.e. the file is not sorted)."""
+    if footer.num_rows == 0:
+        return None
+    pf = pq.ParquetFile(footer.path)
+    md = pf.metadata
+    last = pf.read_row_group(md.num_row_groups - 1, columns=KEYS)
+    ex, pos = int(last.column(0)[-1].as_py()), int(last.column(1)[-1].as_py())
+    col = pf.schema_arrow.get_field_index("example_id")
+    for i in range(md.num_row_groups):
+        st = md.row_group(i).column(col).statistics
+        if st is not None and st.has_min_max and st.max > ex:
+            return None
+    return ex, pos
+
+
+def _strictly_increasing(ex: np.ndarray, pos: np.ndarray) -> bool:
+    if len(ex) < 2:
+        return True
+    d_ex = np.diff(ex)
+    return bool(np.all((d_ex > 0) | ((d_ex == 0) & (np.diff(pos) > 0))))
+
+
+def _already_in(staged: Footer, final: Footer, fmd: pq.FileMetaData) -> bool:
+    """Whether ``staged``'s row groups sit in ``final`` (whose metadata is ``fmd``) byte for byte: an earlier
+    merge appended this very file."""
+    smd = pq.ParquetFile(staged.path).metadata
+    if smd.num_row_groups == 0:
+        return True
+    first, length = smd.row_group(0), staged.body_end - 4
+    for i in range(fmd.num_row_groups):
+        rg = fmd.row_group(i)
+        if rg.num_rows != first.num_rows or rg.total_byte_size != first.total_byte_size:
+            continue
+        at = _row_group_start(rg) - (_row_group_start(first) - 4)
+        if 4 <= at and at + length <= final.body_end and _same_bytes(staged.path, 4, final.path, at, length):
+            return True
+    return False
+
+
+def _row_group_start(rg) -> int:
+    return min(c.dictionary_page_offset if c.has_dictionary_page else c.data_page_offset
+               for c in (rg.column(j) for j in range(rg.num_columns)))
+
+
+def _same_bytes(a: Path, at_a: int, b: Path, at_b: int, length: int, block: int = 8 << 20) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        fa.seek(at_a)
+        fb.seek(at_b)
+        while length > 0:
+            n = min(block, length)
+            if fa.read(n) != fb.read(n):
+                return False
+            length -= n
+    return True
+
+
+def _append_plan(final_path: Path, staged_paths: list[Path]) -> tuple[list[Footer], dict[int, int], int] | None:
+    """How to add ``staged_paths`` to ``final_path`` without decoding vectors, or None when the config needs a
+    rewrite. Returns the footers to concatenate in order (the final file's first; none when every staged
+    file is already in the final file byte for byte), the bucket counts of the added rows and their number."""
+    try:
+        staged = [f for f in (read_footer(p) for p in staged_paths) if f.num_rows > 0]
+        final = read_footer(final_path) if final_path.is_file() else None
+        if final is not None and final.num_rows == 0:
+            final = None
+        key = (final or staged[0]).layout_key() if final or staged else b""
+        if any(f.layout_key() != key for f in staged):
+            return None
+        if final is not None:
+            fmd = pq.ParquetFile(final.path).metadata
+            staged = [f for f in staged if not _already_in(f, final, fmd)]
+    except (OSError, FooterError):
+        return None  # the rewrite path reads them properly and names a damaged file
+    if not staged:
+        return [], {}, 0
+    spans = []
+    counts: dict[int, int] = {}
+    for f in staged:
+        t = pq.read_table(f.path, columns=[*KEYS, "bucket"])
+        ex, pos = t.column(0).to_numpy(), t.column(1).to_numpy()
+        if not _strictly_increasing(ex, pos):
+            return None
+        spans.append(((int(ex[0]), int(pos[0])), (int(ex[-1]), int(pos[-1])), f))
+        b, n = np.unique(t.column(2).to_numpy(), return_counts=True)
+        for bucket, c in zip(b.tolist(), n.tolist()):
+            counts[bucket] = counts.get(bucket, 0) + c
+    spans.sort(key=lambda s: s[0])
+    prev = None
+    if final is not None:
+        prev = _last_key(final)
+        if prev is None:
+            return None
+    for first, last, _ in spans:
+        if prev is not None and first <= prev:
+            return None
+        prev = last
+    order = [f for _, _, f in spans]
+    return ([final] if final is not None else []) + order, counts, sum(f.num_rows for f in order)
+
+
 def _to_arrow(df: pl.DataFrame, schema: pa.Schema) -> pa.Table:
     """The frame as Arrow with exactly ``schema``'s types (polars gives large_string); only differing columns cast."""
     table = df.to_arrow()
@@ -256,8 +351,12 @@ def bucket_counts(df: pl.DataFrame | None, path: Path) -> tuple[int, dict[int, i
 # -- the stage --------------------------------------------------------------------------------
 
 
-def merge_staging(cfg: dict, root: Path | None = None) -> dict:
-    """Merge every complete staged chunk into ``final/``; write and return ``final/.merged.json``."""
+def merge_staging(cfg: dict, root: Path | None = None, *, append: bool = True) -> dict:
+    """Merge every complete staged chunk into ``final/``; write and return ``final/.merged.json``.
+
+    ``append=False`` rewrites every grown file even where appending would do (benchmarks and tests
+    compare the two ways with it).
+    """
     t0 = time.perf_counter()
     root = Path(root) if root is not None else data_root(cfg)
     split = split_name(cfg)
@@ -335,14 +434,27 @@ def merge_staging(cfg: dict, root: Path | None = None) -> dict:
     # merge config by config; a few configs at a time in worker threads (polars and pyarrow release the GIL)
     def one(cfg_name: str) -> tuple[str, dict, int, dict[int, int]]:
         fpath = data_file(final, split, cfg_name)
+        plan = _append_plan(fpath, staged[cfg_name]) if append else None
+        if plan is not None:
+            footers, counts, added = plan
+            stats = {"added": added, "conflicts": 0, "conflict_examples": [], "changed": added > 0, "method": "append"}
+            if fpath.is_file():  # rows already there: their bucket counts too
+                n, there = bucket_counts(None, fpath)
+                for b, c in there.items():
+                    counts[b] = counts.get(b, 0) + c
+            if added:
+                n = concat_files([f.path for f in footers], fpath, footers)
+            return cfg_name, stats, n, counts
         merged, stats = _merge_config(fpath, staged[cfg_name])
         if stats["changed"]:
             write_parquet_atomic(_to_arrow(merged, schemas[cfg_name]), fpath)
+            stats["method"] = "rewrite"
         n, counts = bucket_counts(merged.select("bucket"), fpath) if merged is not None else (0, {})
         return cfg_name, stats, n, counts
 
     rows_added: dict[str, int] = {}
     touched: list[str] = []
+    methods: dict[str, int] = {"append": 0, "rewrite": 0}
     conflicts: dict[str, dict] = {}
     bucket_rows: dict[str, dict[int, int]] = {"q": {}, "k": {}}
     rows_total: dict[str, int] = {}
@@ -363,6 +475,7 @@ def merge_staging(cfg: dict, root: Path | None = None) -> dict:
                             stats["conflicts"])
             if stats["changed"]:
                 touched.append(cfg_name)
+                methods[stats["method"]] += 1
             if n:
                 rows_total[cfg_name] = n
                 add_counts(cfg_name, counts)
@@ -379,6 +492,7 @@ def merge_staging(cfg: dict, root: Path | None = None) -> dict:
         "sampling": current_sampling,
         "mixed_sampling": mixed,
         "configs_touched": touched,
+        "methods": methods,
         "rows_added": rows_added,
         "rows_added_total": int(sum(rows_added.values())),
         "rows_total": dict(sorted(rows_total.items())),

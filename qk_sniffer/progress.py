@@ -13,9 +13,11 @@ remaining examples are batched exactly as the tail of an uninterrupted run's len
 order, so a resumed chunk holds the same rows as one that was never killed, computed in the same
 batches (within one process, bit for bit).
 
-At the end the segments become the chunk's one file per config (a rename when there is one
-segment, otherwise a streamed concatenation, row group by row group), the manifest is written,
-and the segments and journal are removed.
+At the end the segments become the chunk's one file per config, sorted by ``(example_id,
+position)`` and written exactly as final files are (``qk_sniffer.parquet.write_parquet_atomic``), so
+that the merge can append them to ``final/`` byte for byte; then the manifest is written and the
+segments and journal are removed. This sort is the one pass over a chunk's rows after its forward
+passes: memory holds one config's rows of the chunk per assembling thread.
 """
 
 from __future__ import annotations
@@ -28,15 +30,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .layout import atomic_output, atomic_write_json, data_file, remove_stale_temps
+from .layout import atomic_write_json, data_file, remove_stale_temps
+from .parquet import KEYS, write_parquet_atomic
 
 log = logging.getLogger("qk_sniffer")
 
 JOURNAL = "progress.json"
 SEGMENTS = "segments"
 FORMAT = 1
+ASSEMBLE_WORKERS = min(4, os.cpu_count() or 1)  # configs sorted at once: memory holds this many, no more
 
 
 def _ranges(idx: np.ndarray) -> list[list[int]]:
@@ -185,29 +190,16 @@ class ChunkProgress:
         """Turn the segments into ``data/<split>/<config>/data.parquet`` (one file per config); rows per config."""
         rows = self.totals()["rows"]
         names = sorted(n for n, count in rows.items() if count > 0)
-        # pyarrow decodes and encodes without the GIL: configs are assembled side by side
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        # pyarrow decodes, sorts and encodes without the GIL: configs are assembled side by side
+        with ThreadPoolExecutor(max_workers=ASSEMBLE_WORKERS) as pool:
             list(pool.map(self._assemble_one, names))
         return rows
 
     def _assemble_one(self, name: str) -> None:
         parts = [data_file(self.out / SEGMENTS / seg["name"], self.split, name) for seg in self.segments
                  if seg["rows"].get(name, 0) > 0]
-        target = data_file(self.out, self.split, name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if len(parts) == 1:
-            try:  # a hard link keeps the segment intact until the manifest exists
-                os.link(parts[0], target)
-            except OSError:
-                os.replace(parts[0], target)
-            return
-        first = pq.ParquetFile(parts[0])
-        with atomic_output(target) as fh, \
-                pq.ParquetWriter(fh, first.schema_arrow, compression="zstd", write_page_checksum=True) as writer:
-            for part in parts:  # row group by row group: memory stays at one row group
-                pf = pq.ParquetFile(part)
-                for i in range(pf.num_row_groups):
-                    writer.write_table(pf.read_row_group(i))
+        table = pa.concat_tables([pq.read_table(p) for p in parts])
+        write_parquet_atomic(table.sort_by([(k, "ascending") for k in KEYS]), data_file(self.out, self.split, name))
 
     def cleanup(self) -> None:
         """Remove the segments and the journal (after the manifest: a kill here only leaves spare files)."""

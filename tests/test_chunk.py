@@ -53,6 +53,10 @@ def test_chunk_writes_complete_files_and_manifest_last(make_config):
     assert set(t.column("kind").to_pylist()) == {"q"}
     meta = pq.ParquetFile(chunk_dir(root, 0) / "data/tiny/l01h03q/data.parquet").metadata
     assert meta.row_group(0).column(0).compression == "ZSTD"
+    # sorted by key and marked so, as final files are: the merge appends such files byte for byte
+    assert [c.column_index for c in meta.row_group(0).sorting_columns] == [1, 2]
+    keys = list(zip(t.column("example_id").to_pylist(), t.column("position").to_pylist()))
+    assert keys == sorted(set(keys))
 
 
 def test_sampled_keys_equal_spec(make_config):

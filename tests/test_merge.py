@@ -14,6 +14,7 @@ import yaml
 
 from qk_sniffer.layout import data_file, parse_config_name
 from qk_sniffer.merge import MergeError, merge_staging
+from qk_sniffer.parquet import read_footer
 from qk_sniffer.readme import render_readme, split_front_matter
 
 from .conftest import base_config, merged_sections, stage_chunks
@@ -96,6 +97,7 @@ def test_merge_equals_independent_union(tmp_path, staged):
             bucket_rows[kind][b] = bucket_rows[kind].get(b, 0) + n
     assert result["buckets"] == {k: {str(b): n for b, n in sorted(v.items())} for k, v in bucket_rows.items()}
     assert sorted(result["configs_touched"]) == sorted(staged_files)
+    assert result["methods"] == {"append": 24, "rewrite": 0}  # disjoint, sorted chunks: appended byte for byte
     assert result["conflicts"] == {} and result["incomplete_chunks"] == []
     mans = [json.loads(p.read_text()) for p in sorted((root / "staging").glob("chunk-*/manifest.json"))]
     assert [c["example_range"] for c in result["chunks"]] == [m["example_range"] for m in mans]
@@ -104,6 +106,40 @@ def test_merge_equals_independent_union(tmp_path, staged):
     assert result["run"]["model"]["head_dim"] == 16 and result["run"]["timings"]["chunks"] == 2
     on_disk = json.loads((root / "final" / ".merged.json").read_text())
     assert on_disk == json.loads(json.dumps(result))
+
+
+def test_append_and_rewrite_give_the_same_files(tmp_path, staged):
+    appended = merge_staging(_cfg(a := _root(tmp_path / "a", staged)))
+    rewritten = merge_staging(_cfg(b := _root(tmp_path / "b", staged)), append=False)
+    assert appended["methods"] == {"append": 24, "rewrite": 0} and rewritten["methods"] == {"append": 0, "rewrite": 24}
+    for key in ("rows_added", "rows_total", "buckets", "conflicts"):
+        assert appended[key] == rewritten[key], key
+    fa, fb = _final_files(a), _final_files(b)
+    assert set(fa) == set(fb)
+    for name in fa:
+        got = pq.ParquetFile(fa[name], page_checksum_verification=True)
+        assert got.read().equals(pq.read_table(fb[name])), name  # same rows, same order, same schema
+        assert got.metadata.num_row_groups == 2  # one per chunk, each as sniff-chunk wrote it
+        for i in range(2):
+            rg = got.metadata.row_group(i)
+            assert [c.column_index for c in rg.sorting_columns] == [1, 2]
+            assert rg.column(1).statistics.has_min_max
+        assert pl.read_parquet(fa[name]).equals(pl.read_parquet(fb[name]))
+
+
+def test_unsorted_or_foreign_staged_file_is_rewritten(tmp_path, staged):
+    root = _root(tmp_path, staged)
+    shuffled = root / "staging" / "chunk-1" / "data" / SPLIT / "l00h00q" / "data.parquet"
+    t = pq.read_table(shuffled)
+    pq.write_table(t.take(pa.array(list(range(t.num_rows))[::-1])), shuffled)  # same rows, reversed
+    plain = root / "staging" / "chunk-1" / "data" / SPLIT / "l01h01k" / "data.parquet"
+    t = pq.read_table(plain)
+    pq.write_table(t.replace_schema_metadata({"writer": "someone else"}), plain)  # sorted, other footer metadata
+    result = merge_staging(_cfg(root))
+    assert result["methods"] == {"append": 22, "rewrite": 2}
+    for name, paths in _staged_files(root).items():
+        got = pl.read_parquet(_final_files(root)[name])
+        assert got.equals(_expected(paths)), name
 
 
 def test_second_merge_rewrites_nothing(tmp_path, staged):
@@ -150,14 +186,20 @@ def test_later_chunk_adds_only_its_rows(tmp_path, staged):
     first = merge_staging(cfg)
     assert first["rows_split_total"] == sum(first["rows_added"].values())
     old = {n: pl.read_parquet(p) for n, p in _final_files(root).items()}
+    old_bytes = {n: (p.read_bytes(), read_footer(p).body_end) for n, p in _final_files(root).items()}
     shutil.copytree(staged / "staging" / "chunk-1", root / "staging" / "chunk-1")
     second = merge_staging(cfg)
+    assert second["methods"] == {"append": 24, "rewrite": 0}
     man1 = json.loads((root / "staging" / "chunk-1" / "manifest.json").read_text())
     for name, frame in old.items():
         assert second["rows_added"][name] == man1["rows"][name]
-        new = pl.read_parquet(data_file(root / "final", SPLIT, name))
+        path = data_file(root / "final", SPLIT, name)
+        new = pl.read_parquet(path)
         assert new.height == frame.height + man1["rows"][name]
         assert new.join(frame, on=KEYS, how="semi").equals(frame)
+        assert new.equals(_expected(_staged_files(root)[name]))
+        data, body_end = old_bytes[name]
+        assert path.read_bytes()[:body_end] == data[:body_end]  # the published pages are untouched
 
 
 def test_more_examples_append_only_new_keys(tmp_path, staged, staged_more):
@@ -168,6 +210,7 @@ def test_more_examples_append_only_new_keys(tmp_path, staged, staged_more):
     shutil.copytree(staged_more / "staging", root / "staging")
     cfg = base_config(root, workflow={"num_chunks": 2}, dataset={"max_samples": 20})
     result = merge_staging(cfg)
+    assert result["methods"] == {"append": 0, "rewrite": 24}  # the keys interleave with the final rows
     staged_files = _staged_files(root)
     for name, frame in old.items():
         incoming = _expected(staged_files[name])

@@ -1,0 +1,120 @@
+"""Footer codec and byte-for-byte concatenation of Parquet files (qk_sniffer.parquet)."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from qk_sniffer.parquet import (
+    FooterError,
+    concat_files,
+    decode_struct,
+    encode_struct,
+    read_footer,
+    write_parquet_atomic,
+)
+from qk_sniffer.writer import row_schema
+
+WRITE_OPTIONS = {
+    "defaults": {},
+    "dataset": None,  # write_parquet_atomic: zstd, content-defined chunking, page checksums, sorting metadata
+    "page index, small row groups": {"write_page_index": True, "row_group_size": 700, "compression": "snappy"},
+    "no statistics or dictionary": {"write_statistics": False, "use_dictionary": False, "compression": "none"},
+}
+
+
+def _table(rng, first_example: int, examples: int, dim: int = 16, *, half: bool = False, tokens: bool = True):
+    ex = np.repeat(np.arange(first_example, first_example + examples), 40)
+    pos = np.tile(np.arange(40, dtype=np.int32), examples)
+    n = len(ex)
+    vec = rng.standard_normal(n * dim).astype(np.float16 if half else np.float32)
+    schema = row_schema(dim, "float16" if half else "float32", token_strings=tokens)
+    cols = [pa.array(pos % 7, pa.int32()), pa.array(ex, pa.int64()), pa.array(pos),
+            pa.FixedSizeListArray.from_arrays(pa.array(vec), dim), pa.nulls(n, pa.int32())]
+    if tokens:
+        cols.append(pa.array([None if i % 5 == 0 else f"tok{i % 97}" for i in range(n)], pa.string()))
+    cols += [pa.repeat(pa.scalar(3, pa.int16()), n), pa.repeat(pa.scalar(1, pa.int16()), n),
+             pa.repeat(pa.scalar("q"), n)]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def _write(table: pa.Table, path, options):
+    if options is None:
+        write_parquet_atomic(table, path)
+    else:
+        pq.write_table(table, path, **options)
+    return path
+
+
+@pytest.mark.parametrize("options", list(WRITE_OPTIONS.values()), ids=list(WRITE_OPTIONS))
+@pytest.mark.parametrize("half", [False, True], ids=["float32", "float16"])
+def test_footer_round_trips_and_concatenation_equals_concat_tables(tmp_path, options, half):
+    rng = np.random.default_rng(7)
+    tables = [_table(rng, 0, 60, half=half), _table(rng, 60, 25, half=half), _table(rng, 85, 90, half=half)]
+    paths = [_write(t, tmp_path / f"part{i}.parquet", options) for i, t in enumerate(tables)]
+    for p in paths:  # decoding then encoding a footer gives back its exact bytes
+        f = read_footer(p)
+        raw = p.read_bytes()[f.body_end:-8]
+        assert encode_struct(decode_struct(raw)) == raw
+    out = tmp_path / "out.parquet"
+    assert concat_files(paths, out) == sum(t.num_rows for t in tables)
+    want = pa.concat_tables(tables)
+    pf = pq.ParquetFile(out, page_checksum_verification=True)
+    assert pf.read().equals(want)
+    assert pf.schema_arrow.equals(tables[0].schema)
+    md = pf.metadata
+    parts = [pq.ParquetFile(p).metadata for p in paths]
+    assert md.num_rows == want.num_rows and md.num_row_groups == sum(m.num_row_groups for m in parts)
+    i = 0
+    for path, part in zip(paths, parts):  # every row group carries over, in order, with its statistics
+        for j in range(part.num_row_groups):
+            got, src = md.row_group(i), part.row_group(j)
+            assert got.num_rows == src.num_rows and got.total_byte_size == src.total_byte_size
+            for c in range(src.num_columns):
+                assert got.column(c).statistics == src.column(c).statistics
+            assert pf.read_row_group(i).equals(pq.ParquetFile(path).read_row_group(j))
+            i += 1
+    assert pl.read_parquet(out).equals(pl.from_arrow(want))
+    # a read that skips row groups by their statistics lands on the right bytes
+    assert pq.read_table(out, filters=[("example_id", ">=", 85)]).equals(tables[2])
+
+
+def test_concatenating_onto_one_of_the_sources_in_place(tmp_path):
+    rng = np.random.default_rng(1)
+    a, b = _table(rng, 0, 30), _table(rng, 30, 30)
+    pa_, pb = _write(a, tmp_path / "a.parquet", None), _write(b, tmp_path / "b.parquet", None)
+    head = pa_.read_bytes()
+    body_end = read_footer(pa_).body_end
+    concat_files([pa_, pb], pa_)
+    assert pq.read_table(pa_).equals(pa.concat_tables([a, b]))
+    assert pa_.read_bytes()[:body_end] == head[:body_end]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_files_that_cannot_share_a_footer_are_refused(tmp_path):
+    rng = np.random.default_rng(2)
+    a = _write(_table(rng, 0, 10), tmp_path / "a.parquet", None)
+    other_dim = _write(_table(rng, 10, 10, dim=8), tmp_path / "b.parquet", None)
+    no_tokens = _write(_table(rng, 10, 10, tokens=False), tmp_path / "c.parquet", None)
+    for bad in (other_dim, no_tokens):
+        with pytest.raises(FooterError, match="differ in schema or metadata"):
+            concat_files([a, bad], tmp_path / "out.parquet")
+    assert not (tmp_path / "out.parquet").exists()
+    text = tmp_path / "x.parquet"
+    text.write_bytes(b"not parquet at all, just some text")
+    with pytest.raises(FooterError, match="not a Parquet file"):
+        read_footer(text)
+    truncated = tmp_path / "t.parquet"
+    truncated.write_bytes(a.read_bytes()[:-3])
+    with pytest.raises(FooterError):
+        read_footer(truncated)
+    damaged = tmp_path / "d.parquet"
+    data = bytearray(a.read_bytes())
+    footer_len = int.from_bytes(data[-8:-4], "little")
+    data[-8 - footer_len:-8] = b"\xff" * footer_len
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(FooterError):
+        read_footer(damaged)
