@@ -157,6 +157,13 @@ def run_chunk(cfg: dict, chunk: int, num_chunks: int | None = None, root: Path |
     done = 0
     bar = _progress(len(tok.ids))
     bar.update(len(tok.ids) - len(pending))
+    if batches:
+        # The first forward of a process is computed twice and its result dropped: on CPU an occasional
+        # process got the first call of the rotary embedding's cos wrong in half of the batch's rows (~2e-4,
+        # from torch's kernels; an immediate second call is exact), so without this two processes running
+        # the same chunk could differ in that batch's vectors.
+        first = batches[0]
+        capturer.run_batch([tok.ids[j] for j in first], tok.example_ids[first]).wait()
     seg = new_segment()
     t_seg = time.perf_counter()
     try:
