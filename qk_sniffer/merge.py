@@ -309,14 +309,17 @@ def _append_plan(final_path: Path, staged_paths: list[Path]) -> tuple[list[Foote
     spans = []
     counts: dict[int, int] = {}
     for f in staged:
-        t = pq.read_table(f.path, columns=[*KEYS, "bucket"])
-        ex, pos = t.column(0).to_numpy(), t.column(1).to_numpy()
+        t = pq.ParquetFile(f.path).read(columns=[*KEYS, "bucket"])
+        ex, pos = t.column("example_id").to_numpy(), t.column("position").to_numpy()
         if not _strictly_increasing(ex, pos):
             return None
         spans.append(((int(ex[0]), int(pos[0])), (int(ex[-1]), int(pos[-1])), f))
-        b, n = np.unique(t.column(2).to_numpy(), return_counts=True)
-        for bucket, c in zip(b.tolist(), n.tolist()):
-            counts[bucket] = counts.get(bucket, 0) + c
+        buckets = t.column("bucket").to_numpy()
+        if len(buckets) and buckets.min() < 0:
+            return None  # not a bucket sniff-chunk writes: let the rewrite path read the file
+        for bucket, c in enumerate(np.bincount(buckets).tolist()):
+            if c:
+                counts[bucket] = counts.get(bucket, 0) + c
     spans.sort(key=lambda s: s[0])
     prev = None
     if final is not None:

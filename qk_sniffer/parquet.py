@@ -231,15 +231,14 @@ CM_DATA_PAGE, CM_INDEX_PAGE, CM_DICT_PAGE, CM_BLOOM = 9, 10, 11, 14
 @dataclass
 class Footer:
     path: Path
-    meta: list[list]   # FileMetaData, decoded
+    raw: bytes         # the encoded FileMetaData (decoded only when row groups are carried over)
     body_end: int      # where the footer starts: bytes [4, body_end) are the row groups (and any page indexes)
     num_rows: int
+    layout: tuple      # what two files must share for their row groups to live in one file
 
-    def layout_key(self) -> bytes:
-        """What two files must share for their row groups to live in one file: the Parquet schema and key-value
-        metadata (pyarrow's ``ARROW:schema`` among them)."""
-        parts = [_field(self.meta, FMD_SCHEMA), _field(self.meta, FMD_KV)]
-        return encode_struct([p for p in parts if p is not None])
+    def layout_key(self) -> tuple:
+        """The Parquet schema and the key-value metadata (pyarrow's ``ARROW:schema`` among them)."""
+        return self.layout
 
 
 def read_footer(path: Path) -> Footer:
@@ -258,12 +257,16 @@ def read_footer(path: Path) -> Footer:
         if body_end < 4:
             raise FooterError(f"{path}: footer length {length} does not fit the file")
         fh.seek(body_end)
-        meta = decode_struct(fh.read(length))
-    for f in meta:
-        if f[0] in (8, 9):  # encryption_algorithm, footer_signing_key_metadata
-            raise FooterError(f"{path} is encrypted")
-    rows = _field(meta, FMD_NUM_ROWS)
-    return Footer(path, meta, body_end, rows[2] if rows else 0)
+        raw = fh.read(length)
+    try:
+        md = pq.ParquetFile(path).metadata  # parsed in C++: the schema and row count without decoding here
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds for a damaged footer
+        raise FooterError(f"{path}: unreadable footer ({exc})") from exc
+    schema = md.schema
+    columns = tuple((c.path, c.physical_type, str(c.logical_type), c.max_definition_level, c.max_repetition_level)
+                    for c in (schema.column(i) for i in range(len(schema))))
+    layout = (columns, tuple(sorted((md.metadata or {}).items())))
+    return Footer(path, raw, body_end, md.num_rows, layout)
 
 
 def _shift(fields: list[list] | None, ids: tuple[int, ...], delta: int, path: Path, body_end: int) -> None:
@@ -274,9 +277,11 @@ def _shift(fields: list[list] | None, ids: tuple[int, ...], delta: int, path: Pa
             f[2] += delta
 
 
-def _row_groups(footer: Footer, delta: int) -> list[list[list]]:
-    """``footer``'s row groups with every absolute offset moved by ``delta`` bytes (decoded anew: not shared)."""
-    meta = decode_struct(encode_struct(footer.meta))  # a deep copy
+def _row_groups(footer: Footer, meta: list[list], delta: int) -> list[list[list]]:
+    """The row groups of ``meta`` (``footer``'s decoded metadata) with every absolute offset moved by ``delta``."""
+    for f in meta:
+        if f[0] in (8, 9):  # encryption_algorithm, footer_signing_key_metadata
+            raise FooterError(f"{footer.path} is encrypted")
     rgs = _field(meta, FMD_ROW_GROUPS)
     groups = rgs[2][1] if rgs else []
     for rg in groups:
@@ -329,9 +334,11 @@ def concat_files(sources: list[Path], dest: Path, footers: list[Footer] | None =
     for f in footers[1:]:
         if f.layout_key() != key:
             raise FooterError(f"{f.path} and {footers[0].path} differ in schema or metadata")
-    groups, pos = [], 4
+    groups, pos, meta = [], 4, None
     for f in footers:
-        groups += _row_groups(f, pos - 4)
+        decoded = decode_struct(f.raw)
+        meta = meta or decoded  # the new footer: the first file's, with every file's row groups
+        groups += _row_groups(f, decoded, pos - 4)
         pos += f.body_end - 4
     for i, rg in enumerate(groups):
         ordinal = _field(rg, RG_ORDINAL)
@@ -341,7 +348,6 @@ def concat_files(sources: list[Path], dest: Path, footers: list[Footer] | None =
             else:
                 ordinal[2] = i
     total = sum(f.num_rows for f in footers)
-    meta = decode_struct(encode_struct(footers[0].meta))
     _field(meta, FMD_NUM_ROWS)[2] = total
     rgs = _field(meta, FMD_ROW_GROUPS)
     rgs[2] = (STRUCT, groups)
