@@ -183,6 +183,7 @@ def run_chunk(cfg: dict, chunk: int, num_chunks: int | None = None, root: Path |
             progress.commit(seg, time.perf_counter() - t_seg)
         else:
             seg.writer.abort()
+        t_forward = time.perf_counter()
         rows = progress.assemble()
     except BaseException:
         seg.writer.abort()
@@ -191,7 +192,7 @@ def run_chunk(cfg: dict, chunk: int, num_chunks: int | None = None, root: Path |
         bar.close()
         capturer.close()
     t_done = time.perf_counter()
-    forward_s = t_done - t_loaded
+    forward_s = t_forward - t_loaded
     if shard.stop == shard.start:
         log.warning("chunk %d of %d is empty (the split has %d rows); recorded with no rows", chunk, num_chunks, shard.total)
     names = {config_name(layer, h, k, n_layers, n_q) for layer in spec.layers for k in spec.kinds for h in spec.heads_for(k)}
@@ -224,6 +225,7 @@ def run_chunk(cfg: dict, chunk: int, num_chunks: int | None = None, root: Path |
         "timings": {
             "load_s": round(t_loaded - t0, 3),
             "forward_s": round(forward_s, 3),
+            "assemble_s": round(t_done - t_forward, 3),  # sorting and writing the chunk's files
             "total_s": round(t_done - t0, 3),
             "tokens_per_s": round(done / forward_s, 1) if forward_s > 0 else None,
         },
