@@ -296,8 +296,7 @@ def _append_plan(final_path: Path, staged_paths: list[Path]) -> tuple[list[Foote
         final = read_footer(final_path) if final_path.is_file() else None
         if final is not None and final.num_rows == 0:
             final = None
-        key = (final or staged[0]).layout_key() if final or staged else b""
-        if any(f.layout_key() != key for f in staged):
+        if staged and any(f.layout_key() != (final or staged[0]).layout_key() for f in staged):
             return None
         if final is not None:
             fmd = pq.ParquetFile(final.path).metadata
@@ -441,6 +440,7 @@ def merge_staging(cfg: dict, root: Path | None = None, *, append: bool = True) -
         if plan is not None:
             footers, counts, added = plan
             stats = {"added": added, "conflicts": 0, "conflict_examples": [], "changed": added > 0, "method": "append"}
+            n = 0
             if fpath.is_file():  # rows already there: their bucket counts too
                 n, there = bucket_counts(None, fpath)
                 for b, c in there.items():
