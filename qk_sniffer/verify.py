@@ -28,6 +28,7 @@ import os
 import re
 import zlib
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -47,6 +48,7 @@ KEYS = ["example_id", "position"]
 # hidden names that belong in final/ (pull and merge targets, the Hub's attributes file, a download cache)
 ALLOWED_HIDDEN = {".snapshot.json", ".merged.json", ".gitattributes", ".cache"}
 SAMPLE_ROWS = 2000  # rows per file whose sampling decision is recomputed
+VERIFY_WORKERS = min(4, os.cpu_count() or 1)  # files streamed at once: memory holds this many record batches
 BATCH_ROWS = 65536
 # read column chunks through a small buffer instead of pre-buffering the whole file: memory stays at about one
 # record batch (pyarrow's default pre-buffers every row group it is asked for)
@@ -362,9 +364,17 @@ class _Verifier:
                     self.problem(configs[name], f"has {_sig(sig)} but the other files of split {split!r} have "
                                                 f"{_sig(ref)} (e.g. {self.rel(ref_file)}); a split holds one model "
                                                 f"captured with one setting: {REBUILD}, or write it to another split")
-        # pass 2: the rows, streamed file by file
-        for name in signatures:
-            self._check_rows(name, configs[name], specs)
+        # pass 2: the rows, streamed file by file, a few files at once (decoding releases the GIL); the
+        # results are reported in config order, so the report does not depend on which thread ran first
+        names = list(signatures)
+        with ThreadPoolExecutor(max_workers=VERIFY_WORKERS, thread_name_prefix="qk-verify") as pool:
+            for name, res in zip(names, pool.map(lambda n: self._check_rows(n, configs[n], specs), names)):
+                self.report.checked["rows"] += res.rows
+                self.report.checked["sampled_rows"] += res.sampled_rows
+                if res.problem is not None:
+                    self.problem(configs[name], res.problem)
+                else:
+                    self._report_rows(name, configs[name], res.stats, specs)
         meta = self._split_meta(split)
         if isinstance(meta, dict) and isinstance(meta.get("rows_total"), int) and len(num_rows) == len(configs):
             disk = sum(num_rows.values())
@@ -413,21 +423,21 @@ class _Verifier:
                            f"{REBUILD}")
         return None
 
-    def _check_rows(self, name: str, path: Path, specs: list[SamplerSpec] | None) -> None:
+    def _check_rows(self, name: str, path: Path, specs: list[SamplerSpec] | None) -> _FileRows:
+        """Stream one file's rows; runs in a worker thread and changes nothing shared."""
         # page CRCs are verified where the writer stored them; without them zstd decodes damaged bytes silently
         try:
             pf = pq.ParquetFile(path, page_checksum_verification=True, **STREAM)
         except Exception as exc:  # noqa: BLE001 - read a moment ago; changed since
-            self.problem(path, f"is not readable Parquet ({type(exc).__name__}: {exc}); {REBUILD}")
-            return
+            return _FileRows(problem=f"is not readable Parquet ({type(exc).__name__}: {exc}); {REBUILD}")
         with pf:
-            self._stream_rows(name, path, pf, specs)
+            return self._stream_rows(name, path, pf, specs)
 
-    def _stream_rows(self, name: str, path: Path, pf: pq.ParquetFile, specs: list[SamplerSpec] | None) -> None:
+    def _stream_rows(self, name: str, path: Path, pf: pq.ParquetFile, specs: list[SamplerSpec] | None) -> _FileRows:
         layer_s, head_s, kind = CONFIG_RE.match(name).groups()
         layer, head = int(layer_s), int(head_s)
         n = pf.metadata.num_rows
-        self.report.checked["rows"] += n
+        out = _FileRows(rows=n)
         # the rows whose sampling decision is recomputed: a seeded random subset, the same on every run
         if self.sample_rows is None or n <= self.sample_rows:
             sample = np.arange(n, dtype=np.int64)
@@ -470,7 +480,7 @@ class _Verifier:
                     lo, hi = np.searchsorted(sample, [start, start + m])
                     local = sample[lo:hi] - start
                     if len(local):
-                        self.report.checked["sampled_rows"] += len(local)
+                        out.sampled_rows += len(local)
                         sel = np.zeros(len(local), dtype=bool)
                         sp, se = np.maximum(pos[local], 0), ex[local]
                         for spec in specs:
@@ -484,10 +494,10 @@ class _Verifier:
                         st.unselected_examples += [(int(se[i]), int(sp[i])) for i in miss[:room]]
                 start += m
         except Exception as exc:  # noqa: BLE001 - a page that does not decode is a damaged file
-            self.problem(path, f"cannot be decoded after {start:,} of {n:,} rows ({type(exc).__name__}: {exc}); "
-                               f"{REBUILD}")
-            return
-        self._report_rows(name, path, st, specs)
+            out.problem = f"cannot be decoded after {start:,} of {n:,} rows ({type(exc).__name__}: {exc}); {REBUILD}"
+            return out
+        out.stats = st
+        return out
 
     def _report_rows(self, name: str, path: Path, st: _RowStats, specs: list[SamplerSpec] | None) -> None:
         layer_s, head_s, kind = CONFIG_RE.match(name).groups()
@@ -735,6 +745,17 @@ class _Verifier:
 def _sig(sig: tuple[int, str, bool]) -> str:
     d, dtype, token = sig
     return f"vector {dtype}[{d}] {'with' if token else 'without'} token_str"
+
+
+
+@dataclass
+class _FileRows:
+    """What streaming one file's rows found."""
+
+    rows: int = 0
+    sampled_rows: int = 0
+    problem: str | None = None
+    stats: _RowStats | None = None
 
 
 class _RowStats:
