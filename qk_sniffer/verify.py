@@ -1,6 +1,7 @@
 """``sniff-qk verify DATA_ROOT``: check a data root's dataset, card and staged chunks, changing nothing.
 
-Checks, one file at a time with bounded memory (record batches of one row group at most):
+Checks, a few files at a time (``VERIFY_WORKERS``) with bounded memory (record batches of one row
+group at most per file):
 
 - every ``final/data/<split>/<config>/data.parquet`` is readable Parquet with exactly the dataset
   schema (``writer.row_schema``; all files of a split agree on head dimension, vector dtype and
