@@ -445,9 +445,12 @@ def merge_staging(cfg: dict, root: Path | None = None, *, append: bool = True) -
                 n, there = bucket_counts(None, fpath)
                 for b, c in there.items():
                     counts[b] = counts.get(b, 0) + c
-            if added:
-                n = concat_files([f.path for f in footers], fpath, footers)
-            return cfg_name, stats, n, counts
+            try:
+                if added:
+                    n = concat_files([f.path for f in footers], fpath, footers)
+                return cfg_name, stats, n, counts
+            except FooterError as exc:  # a footer that cannot be carried over (written elsewhere): rewrite instead
+                log.info("%s/%s: rewriting instead of appending (%s)", split, cfg_name, exc)
         merged, stats = _merge_config(fpath, staged[cfg_name])
         if stats["changed"]:
             write_parquet_atomic(_to_arrow(merged, schemas[cfg_name]), fpath)

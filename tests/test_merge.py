@@ -142,6 +142,21 @@ def test_unsorted_or_foreign_staged_file_is_rewritten(tmp_path, staged):
         assert got.equals(_expected(paths)), name
 
 
+def test_footer_that_cannot_be_carried_over_falls_back_to_rewrite(tmp_path, staged, monkeypatch):
+    from qk_sniffer import merge as merge_module
+    from qk_sniffer.parquet import FooterError
+
+    def refuse(sources, dest, footers=None):
+        raise FooterError(f"{sources[0]}: an offset in its footer points past its row groups")
+
+    monkeypatch.setattr(merge_module, "concat_files", refuse)
+    root = _root(tmp_path, staged)
+    result = merge_staging(_cfg(root))
+    assert result["methods"] == {"append": 0, "rewrite": 24}
+    for name, paths in _staged_files(root).items():
+        assert pl.read_parquet(_final_files(root)[name]).equals(_expected(paths)), name
+
+
 def test_second_merge_rewrites_nothing(tmp_path, staged):
     root = _root(tmp_path, staged)
     cfg = _cfg(root)
