@@ -234,11 +234,10 @@ def _last_key(footer: Footer) -> tuple[int, int] | None:
     statistics say a larger example id lives elsewhere, i.e. the file is not sorted)."""
     if footer.num_rows == 0:
         return None
-    pf = pq.ParquetFile(footer.path)
-    md = pf.metadata
-    last = pf.read_row_group(md.num_row_groups - 1, columns=KEYS)
+    md = footer.md
+    last = pq.ParquetFile(footer.path).read_row_group(md.num_row_groups - 1, columns=KEYS)
     ex, pos = int(last.column(0)[-1].as_py()), int(last.column(1)[-1].as_py())
-    col = pf.schema_arrow.get_field_index("example_id")
+    col = next(i for i in range(len(md.schema)) if md.schema.column(i).path == "example_id")  # leaf column
     for i in range(md.num_row_groups):
         st = md.row_group(i).column(col).statistics
         if st is not None and st.has_min_max and st.max > ex:
@@ -253,10 +252,9 @@ def _strictly_increasing(ex: np.ndarray, pos: np.ndarray) -> bool:
     return bool(np.all((d_ex > 0) | ((d_ex == 0) & (np.diff(pos) > 0))))
 
 
-def _already_in(staged: Footer, final: Footer, fmd: pq.FileMetaData) -> bool:
-    """Whether ``staged``'s row groups sit in ``final`` (whose metadata is ``fmd``) byte for byte: an earlier
-    merge appended this very file."""
-    smd = pq.ParquetFile(staged.path).metadata
+def _already_in(staged: Footer, final: Footer) -> bool:
+    """Whether ``staged``'s row groups sit in ``final`` byte for byte: an earlier merge appended this very file."""
+    smd, fmd = staged.md, final.md
     if smd.num_row_groups == 0:
         return True
     first, length = smd.row_group(0), staged.body_end - 4
@@ -299,8 +297,7 @@ def _append_plan(final_path: Path, staged_paths: list[Path]) -> tuple[list[Foote
         if staged and any(f.layout_key() != (final or staged[0]).layout_key() for f in staged):
             return None
         if final is not None:
-            fmd = pq.ParquetFile(final.path).metadata
-            staged = [f for f in staged if not _already_in(f, final, fmd)]
+            staged = [f for f in staged if not _already_in(f, final)]
     except (OSError, FooterError):
         return None  # the rewrite path reads them properly and names a damaged file
     if not staged:

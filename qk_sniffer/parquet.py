@@ -231,14 +231,21 @@ CM_DATA_PAGE, CM_INDEX_PAGE, CM_DICT_PAGE, CM_BLOOM = 9, 10, 11, 14
 @dataclass
 class Footer:
     path: Path
-    raw: bytes         # the encoded FileMetaData (decoded only when row groups are carried over)
-    body_end: int      # where the footer starts: bytes [4, body_end) are the row groups (and any page indexes)
-    num_rows: int
-    layout: tuple      # what two files must share for their row groups to live in one file
+    raw: bytes                # the encoded FileMetaData (decoded here only when row groups are carried over)
+    body_end: int             # where the footer starts: bytes [4, body_end) are the row groups (and page indexes)
+    md: pq.FileMetaData       # the same footer as pyarrow parsed it
+
+    @property
+    def num_rows(self) -> int:
+        return self.md.num_rows
 
     def layout_key(self) -> tuple:
-        """The Parquet schema and the key-value metadata (pyarrow's ``ARROW:schema`` among them)."""
-        return self.layout
+        """What two files must share for their row groups to live in one file: the Parquet columns and the
+        key-value metadata (pyarrow's ``ARROW:schema`` among them)."""
+        schema = self.md.schema
+        columns = tuple((c.path, c.physical_type, str(c.logical_type), c.max_definition_level, c.max_repetition_level)
+                        for c in (schema.column(i) for i in range(len(schema))))
+        return columns, tuple(sorted((self.md.metadata or {}).items()))
 
 
 def read_footer(path: Path) -> Footer:
@@ -259,14 +266,10 @@ def read_footer(path: Path) -> Footer:
         fh.seek(body_end)
         raw = fh.read(length)
     try:
-        md = pq.ParquetFile(path).metadata  # parsed in C++: the schema and row count without decoding here
+        md = pq.ParquetFile(path).metadata  # parsed in C++: schema, row groups and row count
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds for a damaged footer
         raise FooterError(f"{path}: unreadable footer ({exc})") from exc
-    schema = md.schema
-    columns = tuple((c.path, c.physical_type, str(c.logical_type), c.max_definition_level, c.max_repetition_level)
-                    for c in (schema.column(i) for i in range(len(schema))))
-    layout = (columns, tuple(sorted((md.metadata or {}).items())))
-    return Footer(path, raw, body_end, md.num_rows, layout)
+    return Footer(path, raw, body_end, md)
 
 
 def _shift(fields: list[list] | None, ids: tuple[int, ...], delta: int, path: Path, body_end: int) -> None:

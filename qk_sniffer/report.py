@@ -348,8 +348,14 @@ def _batches_sampled(path: Path, cutoff: int | None):
             done += batch.num_rows
         else:
             return
-        skip = done
-        for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=["bucket", "example_id"]):
+        # the rest without vectors, from the row group holding row ``done`` on (earlier ones are not read again)
+        md = pf.metadata
+        first, skip = 0, done
+        while first < md.num_row_groups and skip >= md.row_group(first).num_rows:
+            skip -= md.row_group(first).num_rows
+            first += 1
+        rest = range(first, md.num_row_groups)
+        for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=["bucket", "example_id"], row_groups=rest):
             if skip >= batch.num_rows:
                 skip -= batch.num_rows
                 continue

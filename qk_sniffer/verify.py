@@ -40,12 +40,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .layout import CONFIG_RE, final_dir, staging_dir
+from .parquet import KEYS
 from .sampling import KIND_CODE, MASK64, SHARED_HEAD, SamplerSpec, bucket_of, keep_probability, mix, mix_int, u_array
 from .writer import row_schema
 
 SPLIT_RE = re.compile(r"\w+(\.\w+)*")
 CHUNK_DIR_RE = re.compile(r"chunk-(\d+)")
-KEYS = ["example_id", "position"]
 # hidden names that belong in final/ (pull and merge targets, the Hub's attributes file, a download cache)
 ALLOWED_HIDDEN = {".snapshot.json", ".merged.json", ".gitattributes", ".cache"}
 SAMPLE_ROWS = 2000  # rows per file whose sampling decision is recomputed
