@@ -294,7 +294,7 @@ def _append_plan(final_path: Path, staged_paths: list[Path]) -> tuple[list[Foote
         final = read_footer(final_path) if final_path.is_file() else None
         if final is not None and final.num_rows == 0:
             final = None
-        if staged and any(f.layout_key() != (final or staged[0]).layout_key() for f in staged):
+        if staged and any(f.layout_key != (final or staged[0]).layout_key for f in staged):
             return None
         if final is not None:
             staged = [f for f in staged if not _already_in(f, final)]

@@ -8,9 +8,11 @@ file's bytes followed by each new file's row groups, copied byte for byte, under
 unchanged (the Hub's Xet storage uploads only the new bytes).
 
 pyarrow has no API to copy row groups between files, so the footer (Thrift compact protocol,
-parquet-format's ``FileMetaData``) is decoded and re-encoded here with a small generic codec; only
-absolute file offsets, row counts and row group ordinals are rewritten, every other field is
-carried over as it was read. Encrypted files are refused.
+parquet-format's ``FileMetaData``) is walked and written back here by a small hand-written codec;
+only absolute file offsets, row counts and row group ordinals are rewritten, every other byte is
+carried over as it was read, and the first file's row groups are not rewritten at all (the cost
+of an append does not grow with the row groups already in the final file, beyond one skim of its
+footer). Encrypted files are refused.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import pyarrow as pa
@@ -52,7 +55,12 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
         )
 
 
-# -- Thrift compact protocol (just enough to carry a footer through unchanged) -----------------
+# -- Thrift compact protocol (just enough to carry a footer over) --------------------------------
+#
+# A footer is walked once and written back as it was read, field by field, except for the few
+# fields a concatenation changes (absolute offsets, row counts, ordinals); nothing is decoded into
+# Python objects. The first file's row groups are copied as they are: only the appended files' are
+# rewritten.
 
 # type ids of the compact protocol
 STOP, TRUE, FALSE, I8, I16, I32, I64, DOUBLE, BINARY, LIST, SET, MAP, STRUCT = range(13)
@@ -62,167 +70,157 @@ class FooterError(ValueError):
     """A file's footer cannot be carried over (not Parquet, encrypted, or malformed)."""
 
 
-class _Reader:
-    def __init__(self, buf: bytes):
-        self.buf, self.pos = buf, 0
-
-    def byte(self) -> int:
-        if self.pos >= len(self.buf):
-            raise FooterError("footer ends early")
-        b = self.buf[self.pos]
-        self.pos += 1
-        return b
-
-    def varint(self) -> int:
-        out = shift = 0
-        while True:
-            b = self.byte()
-            out |= (b & 0x7F) << shift
-            if not b & 0x80:
-                return out
-            shift += 7
-            if shift > 70:
-                raise FooterError("varint too long")
-
-    def zigzag(self) -> int:
-        n = self.varint()
-        return (n >> 1) ^ -(n & 1)
-
-    def take(self, n: int) -> bytes:
-        if n < 0 or self.pos + n > len(self.buf):
-            raise FooterError("footer ends early")
-        out = self.buf[self.pos:self.pos + n]
-        self.pos += n
-        return out
-
-    def value(self, ttype: int):
-        if ttype in (TRUE, FALSE):  # a bool inside a list, set or map is one byte
-            return self.byte()
-        if ttype == I8:
-            return self.byte()
-        if ttype in (I16, I32, I64):
-            return self.zigzag()
-        if ttype == DOUBLE:
-            return self.take(8)
-        if ttype == BINARY:
-            return self.take(self.varint())
-        if ttype in (LIST, SET):
-            head = self.byte()
-            size, etype = head >> 4, head & 0x0F
-            if size == 15:
-                size = self.varint()
-            return etype, [self.value(etype) for _ in range(size)]
-        if ttype == MAP:
-            size = self.varint()
-            if size == 0:
-                return 0, 0, []
-            kv = self.byte()
-            kt, vt = kv >> 4, kv & 0x0F
-            return kt, vt, [(self.value(kt), self.value(vt)) for _ in range(size)]
-        if ttype == STRUCT:
-            return self.struct()
-        raise FooterError(f"unknown Thrift type {ttype}")
-
-    def struct(self) -> list[list]:
-        """Fields as ``[field_id, type, value]`` in the order read (bool fields carry their value in the type)."""
-        fields, last = [], 0
-        while True:
-            head = self.byte()
-            ttype = head & 0x0F
-            if ttype == STOP:
-                return fields
-            delta = head >> 4
-            fid = last + delta if delta else self.zigzag()
-            fields.append([fid, ttype, None if ttype in (TRUE, FALSE) else self.value(ttype)])
-            last = fid
+def _uvarint(buf: bytes, pos: int) -> tuple[int, int]:
+    out = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        out |= (b & 0x7F) << shift
+        if b < 0x80:
+            return out, pos
+        shift += 7
+        if shift > 70:
+            raise FooterError("varint too long")
 
 
 def _varint(n: int, out: bytearray) -> None:
-    while True:
-        if n < 0x80:
-            out.append(n)
-            return
+    while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
         n >>= 7
+    out.append(n)
 
 
-def _zigzag(n: int, out: bytearray) -> None:
+def _zigzag(n: int) -> bytearray:
+    out = bytearray()
     _varint((n << 1) ^ (n >> 63), out)
+    return out
 
 
-def _write_value(ttype: int, value, out: bytearray) -> None:
-    if ttype in (TRUE, FALSE, I8):
-        out.append(value)
-    elif ttype in (I16, I32, I64):
-        _zigzag(value, out)
-    elif ttype == DOUBLE:
-        out += value
-    elif ttype == BINARY:
-        _varint(len(value), out)
-        out += value
-    elif ttype in (LIST, SET):
-        etype, items = value
-        if len(items) < 15:
-            out.append(len(items) << 4 | etype)
-        else:
-            out.append(0xF0 | etype)
-            _varint(len(items), out)
-        for item in items:
-            _write_value(etype, item, out)
-    elif ttype == MAP:
-        kt, vt, items = value
-        _varint(len(items), out)
-        if items:
-            out.append(kt << 4 | vt)
-            for k, v in items:
-                _write_value(kt, k, out)
-                _write_value(vt, v, out)
-    elif ttype == STRUCT:
-        _write_struct(value, out)
+def _list_head(buf: bytes, pos: int) -> tuple[int, int, int]:
+    """Size, element type and where the elements begin, for the list (or set) header at ``pos``."""
+    head = buf[pos]
+    size, etype = head >> 4, head & 0x0F
+    if size == 15:
+        size, pos = _uvarint(buf, pos + 1)
+        return size, etype, pos
+    return size, etype, pos + 1
+
+
+def _write_list_head(size: int, etype: int, out: bytearray) -> None:
+    if size < 15:
+        out.append(size << 4 | etype)
     else:
-        raise FooterError(f"unknown Thrift type {ttype}")
+        out.append(0xF0 | etype)
+        _varint(size, out)
 
 
-def _write_struct(fields: list[list], out: bytearray) -> None:
-    last = 0
-    for fid, ttype, value in fields:
-        delta = fid - last
+def _skip(buf: bytes, pos: int, ttype: int, element: bool = False) -> int:
+    """Where the value of type ``ttype`` at ``pos`` ends (a bool is a byte inside a container, nothing in a field)."""
+    if ttype in (I16, I32, I64):
+        while buf[pos] >= 0x80:
+            pos += 1
+        return pos + 1
+    if ttype == BINARY:
+        n, pos = _uvarint(buf, pos)
+        return pos + n
+    if ttype == STRUCT:
+        while True:
+            head = buf[pos]
+            pos += 1
+            if head == STOP:
+                return pos
+            if not head >> 4:  # a field id of its own
+                _, pos = _uvarint(buf, pos)
+            pos = _skip(buf, pos, head & 0x0F)
+    if ttype in (TRUE, FALSE):
+        return pos + 1 if element else pos
+    if ttype == I8:
+        return pos + 1
+    if ttype == DOUBLE:
+        return pos + 8
+    if ttype in (LIST, SET):
+        size, etype, pos = _list_head(buf, pos)
+        for _ in range(size):
+            pos = _skip(buf, pos, etype, True)
+        return pos
+    if ttype == MAP:
+        size, pos = _uvarint(buf, pos)
+        if size:
+            kt, vt = buf[pos] >> 4, buf[pos] & 0x0F
+            pos += 1
+            for _ in range(size):
+                pos = _skip(buf, _skip(buf, pos, kt, True), vt, True)
+        return pos
+    raise FooterError(f"unknown Thrift type {ttype}")
+
+
+def _copy_struct(buf: bytes, pos: int, edits: dict, out: bytearray) -> int:
+    """Write the struct at ``pos`` to ``out`` as it was read, except where ``edits`` says; returns where it ends.
+
+    ``edits[field id]`` is a dict of edits for a struct field (or for each struct of a list field), or a
+    function ``(buf, start, type) -> (new value bytes or None to leave the field out, end of the old value)``.
+    """
+    last_in = last_out = 0
+    while True:
+        head = buf[pos]
+        pos += 1
+        ttype = head & 0x0F
+        if ttype == STOP:
+            out.append(STOP)
+            return pos
+        if head >> 4:
+            fid = last_in + (head >> 4)
+        else:
+            raw, pos = _uvarint(buf, pos)
+            fid = (raw >> 1) ^ -(raw & 1)
+        last_in = fid
+        edit = edits.get(fid)
+        value = None
+        if edit is None:
+            end = _skip(buf, pos, ttype)
+            value, pos = buf[pos:end], end
+        elif not isinstance(edit, dict):
+            value, pos = edit(buf, pos, ttype)
+            if value is None:
+                continue
+        delta = fid - last_out
         if 0 < delta <= 15:
             out.append(delta << 4 | ttype)
         else:
             out.append(ttype)
-            _zigzag(fid, out)
-        if ttype not in (TRUE, FALSE):
-            _write_value(ttype, value, out)
-        last = fid
-    out.append(STOP)
+            out += _zigzag(fid)
+        last_out = fid
+        if value is not None:
+            out += value
+        elif ttype == STRUCT:
+            pos = _copy_struct(buf, pos, edit, out)
+        elif ttype == LIST:
+            size, etype, pos = _list_head(buf, pos)
+            if etype != STRUCT:
+                raise FooterError(f"field {fid}: a list of structs was expected")
+            _write_list_head(size, etype, out)
+            for _ in range(size):
+                pos = _copy_struct(buf, pos, edit, out)
+        else:
+            raise FooterError(f"field {fid}: a struct or list was expected, found type {ttype}")
 
 
-def decode_struct(buf: bytes) -> list[list]:
-    r = _Reader(buf)
-    out = r.struct()
-    if r.pos != len(buf):
-        raise FooterError(f"{len(buf) - r.pos} bytes after the footer's end")
-    return out
-
-
-def encode_struct(fields: list[list]) -> bytes:
+def copy_struct(raw: bytes, edits: dict | None = None) -> bytes:
+    """``raw`` (one encoded struct) walked and written back with ``edits`` (none: the same bytes)."""
     out = bytearray()
-    _write_struct(fields, out)
+    try:
+        end = _copy_struct(raw, 0, edits or {}, out)
+    except IndexError as exc:
+        raise FooterError("footer ends early") from exc
+    if end != len(raw):
+        raise FooterError(f"{len(raw) - end} bytes after the footer's end")
     return bytes(out)
-
-
-def _field(fields: list[list], fid: int):
-    for f in fields:
-        if f[0] == fid:
-            return f
-    return None
 
 
 # -- footers and appending --------------------------------------------------------------------
 
 # parquet-format field ids (parquet.thrift)
-FMD_SCHEMA, FMD_NUM_ROWS, FMD_ROW_GROUPS, FMD_KV = 2, 3, 4, 5
+FMD_NUM_ROWS, FMD_ROW_GROUPS, FMD_ENCRYPTION, FMD_SIGNING_KEY = 3, 4, 8, 9
 RG_COLUMNS, RG_NUM_ROWS, RG_FILE_OFFSET, RG_ORDINAL = 1, 3, 5, 7
 CC_FILE_OFFSET, CC_META, CC_OFFSET_INDEX, CC_COLUMN_INDEX, CC_CRYPTO, CC_ENCRYPTED_META = 2, 3, 4, 6, 8, 9
 CM_DATA_PAGE, CM_INDEX_PAGE, CM_DICT_PAGE, CM_BLOOM = 9, 10, 11, 14
@@ -231,7 +229,7 @@ CM_DATA_PAGE, CM_INDEX_PAGE, CM_DICT_PAGE, CM_BLOOM = 9, 10, 11, 14
 @dataclass
 class Footer:
     path: Path
-    raw: bytes                # the encoded FileMetaData (decoded here only when row groups are carried over)
+    raw: bytes                # the encoded FileMetaData (walked only when row groups are carried over)
     body_end: int             # where the footer starts: bytes [4, body_end) are the row groups (and page indexes)
     md: pq.FileMetaData       # the same footer as pyarrow parsed it
 
@@ -239,6 +237,7 @@ class Footer:
     def num_rows(self) -> int:
         return self.md.num_rows
 
+    @cached_property
     def layout_key(self) -> tuple:
         """What two files must share for their row groups to live in one file: the Parquet columns and the
         key-value metadata (pyarrow's ``ARROW:schema`` among them)."""
@@ -272,34 +271,6 @@ def read_footer(path: Path) -> Footer:
     return Footer(path, raw, body_end, md)
 
 
-def _shift(fields: list[list] | None, ids: tuple[int, ...], delta: int, path: Path, body_end: int) -> None:
-    for f in fields or ():
-        if f[0] in ids and f[2] >= 4:  # 0 (and anything inside the magic) means "not set" for some writers
-            if f[2] >= body_end:
-                raise FooterError(f"{path}: an offset in its footer points past its row groups")
-            f[2] += delta
-
-
-def _row_groups(footer: Footer, meta: list[list], delta: int) -> list[list[list]]:
-    """The row groups of ``meta`` (``footer``'s decoded metadata) with every absolute offset moved by ``delta``."""
-    for f in meta:
-        if f[0] in (8, 9):  # encryption_algorithm, footer_signing_key_metadata
-            raise FooterError(f"{footer.path} is encrypted")
-    rgs = _field(meta, FMD_ROW_GROUPS)
-    groups = rgs[2][1] if rgs else []
-    for rg in groups:
-        _shift(rg, (RG_FILE_OFFSET,), delta, footer.path, footer.body_end)
-        cols = _field(rg, RG_COLUMNS)
-        for cc in cols[2][1] if cols else []:
-            if _field(cc, CC_CRYPTO) or _field(cc, CC_ENCRYPTED_META):
-                raise FooterError(f"{footer.path} has encrypted columns")
-            _shift(cc, (CC_FILE_OFFSET, CC_OFFSET_INDEX, CC_COLUMN_INDEX), delta, footer.path, footer.body_end)
-            meta_field = _field(cc, CC_META)
-            _shift(meta_field[2] if meta_field else None, (CM_DATA_PAGE, CM_INDEX_PAGE, CM_DICT_PAGE, CM_BLOOM),
-                   delta, footer.path, footer.body_end)
-    return groups
-
-
 def _copy(src: Path, start: int, stop: int, dst) -> None:
     """Bytes ``[start, stop)`` of ``src`` onto the end of the open file ``dst`` (in the kernel where it can)."""
     dst.flush()
@@ -323,38 +294,99 @@ def _copy(src: Path, start: int, stop: int, dst) -> None:
             left -= n
 
 
+def _replace(value: bytes) -> callable:
+    """An edit that puts ``value`` in place of a field's value."""
+    return lambda buf, pos, ttype: (value, _skip(buf, pos, ttype))
+
+
+def _refuse(why: str) -> callable:
+    def edit(buf, pos, ttype):
+        raise FooterError(why)
+    return edit
+
+
+def _shift(footer: Footer, delta: int) -> callable:
+    """An edit that moves an absolute file offset of ``footer``'s file by ``delta``."""
+    def edit(buf, pos, ttype):
+        raw, end = _uvarint(buf, pos)
+        offset = (raw >> 1) ^ -(raw & 1)
+        if offset < 4:  # 0 (and anything inside the magic) means "not set" for some writers
+            return buf[pos:end], end
+        if offset >= footer.body_end:
+            raise FooterError(f"{footer.path}: an offset in its footer points past its row groups")
+        return _zigzag(offset + delta), end
+    return edit
+
+
+def _moved_row_groups(footer: Footer, delta: int, first_ordinal: int, out: bytearray) -> int:
+    """Append ``footer``'s row groups to ``out`` with every absolute offset moved by ``delta`` and ordinals
+    from ``first_ordinal`` on; returns how many there were."""
+    encrypted = _refuse(f"{footer.path} is encrypted")
+    shift = _shift(footer, delta)
+    column = {CC_FILE_OFFSET: shift, CC_OFFSET_INDEX: shift, CC_COLUMN_INDEX: shift, CC_CRYPTO: encrypted,
+              CC_ENCRYPTED_META: encrypted, CC_META: {k: shift for k in (CM_DATA_PAGE, CM_INDEX_PAGE, CM_DICT_PAGE,
+                                                                          CM_BLOOM)}}
+    count = 0
+
+    def row_groups(buf, pos, ttype):
+        nonlocal count
+        size, etype, pos = _list_head(buf, pos)
+        for _ in range(size):
+            ordinal = first_ordinal + count
+            # an i16: past it, leave the ordinal out (it is optional)
+            edits = {RG_COLUMNS: column, RG_FILE_OFFSET: shift,
+                     RG_ORDINAL: _replace(_zigzag(ordinal) if ordinal <= 0x7FFF else None)}
+            pos = _copy_struct(buf, pos, edits, out)
+            count += 1
+        return b"", pos
+
+    _walk(footer, {FMD_ROW_GROUPS: row_groups})
+    return count
+
+
+def _walk(footer: Footer, edits: dict) -> bytes:
+    """``footer`` written back with ``edits``; an encrypted footer is refused."""
+    encrypted = _refuse(f"{footer.path} is encrypted")
+    try:
+        return copy_struct(footer.raw, {FMD_ENCRYPTION: encrypted, FMD_SIGNING_KEY: encrypted, **edits})
+    except FooterError as exc:
+        if str(footer.path) in str(exc):
+            raise
+        raise FooterError(f"{footer.path}: {exc}") from exc
+
+
 def concat_files(sources: list[Path], dest: Path, footers: list[Footer] | None = None) -> int:
     """Write ``dest`` (atomically) holding every row group of ``sources`` in order, copied byte for byte.
 
-    All sources must have the same :meth:`Footer.layout_key` (the caller checks; a mismatch raises
-    :class:`FooterError`). The new footer is the first source's with the row groups of all of them.
-    ``dest`` may be one of the sources. Returns the row count.
+    All sources must have the same ``Footer.layout_key`` (the caller checks; a mismatch raises
+    :class:`FooterError`). The new footer is the first source's with the row groups of all of them
+    (the first source's as they were, the others' with their offsets and ordinals moved). ``dest``
+    may be one of the sources. Returns the row count.
     """
     footers = footers or [read_footer(p) for p in sources]
     if not footers:
         raise ValueError("nothing to concatenate")
-    key = footers[0].layout_key()
+    first = footers[0]
+    key = first.layout_key
     for f in footers[1:]:
-        if f.layout_key() != key:
-            raise FooterError(f"{f.path} and {footers[0].path} differ in schema or metadata")
-    groups, pos, meta = [], 4, None
-    for f in footers:
-        decoded = decode_struct(f.raw)
-        meta = meta or decoded  # the new footer: the first file's, with every file's row groups
-        groups += _row_groups(f, decoded, pos - 4)
+        if f.layout_key != key:
+            raise FooterError(f"{f.path} and {first.path} differ in schema or metadata")
+    groups, count, pos = bytearray(), first.md.num_row_groups, first.body_end
+    for f in footers[1:]:
+        count += _moved_row_groups(f, pos - 4, count, groups)
         pos += f.body_end - 4
-    for i, rg in enumerate(groups):
-        ordinal = _field(rg, RG_ORDINAL)
-        if ordinal is not None:
-            if i > 0x7FFF:  # an i16: past it, leave the ordinal out (it is optional)
-                rg.remove(ordinal)
-            else:
-                ordinal[2] = i
     total = sum(f.num_rows for f in footers)
-    _field(meta, FMD_NUM_ROWS)[2] = total
-    rgs = _field(meta, FMD_ROW_GROUPS)
-    rgs[2] = (STRUCT, groups)
-    footer = encode_struct(meta)
+
+    def row_groups(buf, at, ttype):  # the first file's row groups as they are, then the others'
+        size, etype, start = _list_head(buf, at)
+        end = _skip(buf, at, ttype)
+        if size != first.md.num_row_groups or etype != STRUCT:
+            raise FooterError(f"{first.path}: its footer's row groups do not match its metadata")
+        head = bytearray()
+        _write_list_head(count, STRUCT, head)
+        return bytes(head) + buf[start:end] + groups, end
+
+    footer = _walk(first, {FMD_NUM_ROWS: _replace(_zigzag(total)), FMD_ROW_GROUPS: row_groups})
     with atomic_output(dest) as out:
         out.write(MAGIC)
         for f in footers:
