@@ -184,7 +184,7 @@ def run_chunk(cfg: dict, chunk: int, num_chunks: int | None = None, root: Path |
         else:
             seg.writer.abort()
         t_forward = time.perf_counter()
-        rows = progress.assemble()
+        rows, summaries = progress.assemble()
     except BaseException:
         seg.writer.abort()
         raise
@@ -208,6 +208,8 @@ def run_chunk(cfg: dict, chunk: int, num_chunks: int | None = None, root: Path |
         "computed_tokens": progress.totals()["computed_tokens"],
         "rows": {name: int(rows.get(name, 0)) for name in sorted(names)},
         "files": {name: f"data/{split}/{name}/data.parquet" for name in sorted(rows) if rows[name] > 0},
+        # per file: keys, bucket counts and identity, so the merge appends it without reading it again
+        "summaries": {name: summaries[name] for name in sorted(summaries)},
         "config_fingerprint": chunk_fingerprint(cfg),
         "sampling": sampling_settings(cfg),
         "model": {

@@ -46,14 +46,15 @@ from .layout import (
     remove_stale_temps,
     staging_dir,
 )
-from .parquet import KEYS, Footer, FooterError, concat_files, read_footer, write_parquet_atomic
+from .parquet import KEYS, Footer, FooterError, concat_files, matches_summary, read_footer, write_parquet_atomic
 
 log = logging.getLogger("qk_sniffer")
 
 MERGED_NAME = ".merged.json"
 CHUNK_DIR_RE = re.compile(r"^chunk-(\d+)$")
 CONFLICT_EXAMPLES = 5
-MERGE_WORKERS = min(2, os.cpu_count() or 1)  # configs merged at once: memory holds this many configs, no more
+MERGE_WORKERS = min(2, os.cpu_count() or 1)  # configs rewritten at once: memory holds this many configs, no more
+APPEND_WORKERS = 8  # configs appended at once: a few columns in memory each; mostly waiting on the disk
 
 
 class MergeError(ValueError):
@@ -285,13 +286,44 @@ def _same_bytes(a: Path, at_a: int, b: Path, at_b: int, length: int, block: int 
     return True
 
 
-def _append_plan(final_path: Path, staged_paths: list[Path]) -> tuple[list[Footer], dict[int, int], int] | None:
+def _recorded_span(footer: Footer, summary) -> tuple[tuple[int, int], tuple[int, int], dict[int, int]] | None:
+    """First key, last key and bucket counts of a staged file as its chunk recorded them, when the file is
+    still the one the chunk wrote (same size and footer) and the record adds up."""
+    if not matches_summary(footer, summary):
+        return None
+    try:
+        first, last = tuple(int(k) for k in summary["first_key"]), tuple(int(k) for k in summary["last_key"])
+        counts = {int(b): int(n) for b, n in summary["buckets"].items()}
+    except (KeyError, TypeError, ValueError):
+        return None
+    if len(first) != 2 or len(last) != 2 or first > last or sum(counts.values()) != footer.num_rows \
+            or min(counts, default=0) < 0:
+        return None
+    return first, last, counts
+
+
+def _read_span(footer: Footer) -> tuple[tuple[int, int], tuple[int, int], dict[int, int]] | None:
+    """First key, last key and bucket counts of a staged file, read from it (None unless its keys strictly increase)."""
+    t = pq.ParquetFile(footer.path).read(columns=[*KEYS, "bucket"])
+    ex, pos = t.column("example_id").to_numpy(), t.column("position").to_numpy()
+    buckets = t.column("bucket").to_numpy()
+    if not _strictly_increasing(ex, pos) or (len(buckets) and buckets.min() < 0):
+        return None  # unsorted, or not a bucket sniff-chunk writes: the rewrite path reads the file
+    counts = {b: c for b, c in enumerate(np.bincount(buckets).tolist()) if c}
+    return (int(ex[0]), int(pos[0])), (int(ex[-1]), int(pos[-1])), counts
+
+
+def _append_plan(final_path: Path, staged_paths: list[Path], footers: dict[Path, Footer],
+                 summaries: dict[Path, dict]) -> tuple[list[Footer], dict[int, int], int] | None:
     """How to add ``staged_paths`` to ``final_path`` without decoding vectors, or None when the config needs a
     rewrite. Returns the footers to concatenate in order (the final file's first; none when every staged
-    file is already in the final file byte for byte), the bucket counts of the added rows and their number."""
+    file is already in the final file byte for byte), the bucket counts of the added rows and their number.
+
+    A staged file's keys and bucket counts come from its chunk's manifest (``summaries``) when the file is
+    still the one the chunk wrote (its rows were sorted by the chunk itself); otherwise they are read from it."""
     try:
-        staged = [f for f in (read_footer(p) for p in staged_paths) if f.num_rows > 0]
-        final = read_footer(final_path) if final_path.is_file() else None
+        staged = [f for f in (footers.get(p) or read_footer(p) for p in staged_paths) if f.num_rows > 0]
+        final = (footers.get(final_path) or read_footer(final_path)) if final_path.is_file() else None
         if final is not None and final.num_rows == 0:
             final = None
         if staged and any(f.layout_key != (final or staged[0]).layout_key for f in staged):
@@ -305,17 +337,13 @@ def _append_plan(final_path: Path, staged_paths: list[Path]) -> tuple[list[Foote
     spans = []
     counts: dict[int, int] = {}
     for f in staged:
-        t = pq.ParquetFile(f.path).read(columns=[*KEYS, "bucket"])
-        ex, pos = t.column("example_id").to_numpy(), t.column("position").to_numpy()
-        if not _strictly_increasing(ex, pos):
+        span = _recorded_span(f, summaries.get(f.path)) or _read_span(f)
+        if span is None:
             return None
-        spans.append(((int(ex[0]), int(pos[0])), (int(ex[-1]), int(pos[-1])), f))
-        buckets = t.column("bucket").to_numpy()
-        if len(buckets) and buckets.min() < 0:
-            return None  # not a bucket sniff-chunk writes: let the rewrite path read the file
-        for bucket, c in enumerate(np.bincount(buckets).tolist()):
-            if c:
-                counts[bucket] = counts.get(bucket, 0) + c
+        first, last, file_counts = span
+        spans.append((first, last, f))
+        for bucket, c in file_counts.items():
+            counts[bucket] = counts.get(bucket, 0) + c
     spans.sort(key=lambda s: s[0])
     prev = None
     if final is not None:
@@ -398,62 +426,93 @@ def merge_staging(cfg: dict, root: Path | None = None, *, append: bool = True) -
 
     # staged files per config, all checked before anything is written
     staged: dict[str, list[Path]] = {}
+    summaries: dict[Path, dict] = {}  # what each chunk recorded of its files (first/last key, bucket counts)
     for d, m in chunks:
+        recorded = m.get("summaries") if isinstance(m.get("summaries"), dict) else {}
         for cfg_name, rel in sorted((m.get("files") or {}).items()):
             p = d / rel
             if not p.is_file():
                 raise MergeError(f"{d}/manifest.json lists {rel} but {p} is missing; delete {d} and rerun that chunk")
             staged.setdefault(cfg_name, []).append(p)
-    schemas: dict[str, pa.Schema] = {}
-    for cfg_name, paths in sorted(staged.items()):
+            summaries[p] = recorded.get(cfg_name)
+
+    def check(cfg_name: str) -> tuple[pa.Schema, dict[Path, Footer]]:
+        """The config's Arrow schema and the footers of its files (read once, used again by the append plan);
+        raises when a file is unreadable or its schema differs from the others'."""
         fpath = data_file(final, split, cfg_name)
-        ref_schema, ref_file = None, None
+        found: dict[Path, Footer] = {}
+        ref, ref_schema = None, None
         if fpath.is_file():
             try:
-                ref_schema, ref_file = pq.read_schema(fpath), fpath
+                ref = found[fpath] = read_footer(fpath)
+                ref_schema = ref.md.schema.to_arrow_schema()
             except Exception as exc:  # noqa: BLE001
                 raise _corrupt(fpath, exc) from exc
-        for p in paths:
+        for p in staged[cfg_name]:
             try:
-                s = pq.read_schema(p)
+                f = found[p] = read_footer(p)
+                if ref is not None and f.layout_key == ref.layout_key:
+                    continue  # the same Parquet schema and metadata: the same Arrow schema
+                s = f.md.schema.to_arrow_schema()
             except Exception as exc:  # noqa: BLE001
                 raise MergeError(f"staged file {p} is not readable Parquet ({exc}); delete its chunk dir and rerun it") \
                     from exc
-            if ref_schema is None:
-                ref_schema, ref_file = s, p
+            if ref is None:
+                ref, ref_schema = f, s
             elif _schema_key(s) != _schema_key(ref_schema):
                 raise MergeError(
                     f"schema mismatch for config {cfg_name!r} of split {split!r}: {p} has {_describe_schema(s)} but "
-                    f"{ref_file} has {_describe_schema(ref_schema)}. A split holds one model with one head dimension "
+                    f"{ref.path} has {_describe_schema(ref_schema)}. A split holds one model with one head dimension "
                     "and vector dtype: write these rows to another split (output.split_name) or delete the "
                     "mismatching files and rerun."
                 )
-        schemas[cfg_name] = ref_schema
+        return ref_schema, found
 
-    # merge config by config; a few configs at a time in worker threads (polars and pyarrow release the GIL)
-    def one(cfg_name: str) -> tuple[str, dict, int, dict[int, int]]:
+    # every file is checked before anything is written (a few configs at a time: mostly reading footers)
+    schemas: dict[str, pa.Schema] = {}
+    footers: dict[Path, Footer] = {}
+    names = sorted(staged)
+    with ThreadPoolExecutor(max_workers=max(1, min(APPEND_WORKERS, len(names))), thread_name_prefix="qk-merge") as pool:
+        for cfg_name, (schema, found) in zip(names, pool.map(check, names)):
+            schemas[cfg_name] = schema
+            footers.update(found)
+
+    # merge config by config. Appends (copying bytes, waiting on the disk) run several at a time; rewrites
+    # (polars and pyarrow decode and encode without the GIL) at most MERGE_WORKERS at a time, for memory
+    def append_one(cfg_name: str):
         fpath = data_file(final, split, cfg_name)
-        plan = _append_plan(fpath, staged[cfg_name]) if append else None
-        if plan is not None:
-            footers, counts, added = plan
-            stats = {"added": added, "conflicts": 0, "conflict_examples": [], "changed": added > 0, "method": "append"}
-            n = 0
-            if fpath.is_file():  # rows already there: their bucket counts too
-                n, there = bucket_counts(None, fpath)
-                for b, c in there.items():
-                    counts[b] = counts.get(b, 0) + c
-            try:
-                if added:
-                    n = concat_files([f.path for f in footers], fpath, footers)
-                return cfg_name, stats, n, counts
-            except FooterError as exc:  # a footer that cannot be carried over (written elsewhere): rewrite instead
-                log.info("%s/%s: rewriting instead of appending (%s)", split, cfg_name, exc)
+        plan = _append_plan(fpath, staged[cfg_name], footers, summaries) if append else None
+        if plan is None:
+            return None
+        order, counts, added = plan
+        stats = {"added": added, "conflicts": 0, "conflict_examples": [], "changed": added > 0, "method": "append"}
+        n = 0
+        if fpath.is_file():  # rows already there: their bucket counts too
+            n, there = bucket_counts(None, fpath)
+            for b, c in there.items():
+                counts[b] = counts.get(b, 0) + c
+        try:
+            if added:
+                n = concat_files([f.path for f in order], fpath, order)
+        except FooterError as exc:  # a footer that cannot be carried over (written elsewhere): rewrite instead
+            log.info("%s/%s: rewriting instead of appending (%s)", split, cfg_name, exc)
+            return None
+        return cfg_name, stats, n, counts
+
+    def rewrite_one(cfg_name: str):
+        fpath = data_file(final, split, cfg_name)
         merged, stats = _merge_config(fpath, staged[cfg_name])
         if stats["changed"]:
             write_parquet_atomic(_to_arrow(merged, schemas[cfg_name]), fpath)
             stats["method"] = "rewrite"
         n, counts = bucket_counts(merged.select("bucket"), fpath) if merged is not None else (0, {})
         return cfg_name, stats, n, counts
+
+    with ThreadPoolExecutor(max_workers=max(1, min(APPEND_WORKERS, len(names))), thread_name_prefix="qk-merge") as pool:
+        done = dict(zip(names, pool.map(append_one, names)))
+    rest = [n for n in names if done[n] is None]
+    with ThreadPoolExecutor(max_workers=max(1, min(MERGE_WORKERS, len(rest))), thread_name_prefix="qk-merge") as pool:
+        done.update(zip(rest, pool.map(rewrite_one, rest)))
 
     rows_added: dict[str, int] = {}
     touched: list[str] = []
@@ -468,20 +527,18 @@ def merge_staging(cfg: dict, root: Path | None = None, *, append: bool = True) -
         for b, c in counts.items():
             per[b] = per.get(b, 0) + c
 
-    workers = max(1, min(MERGE_WORKERS, len(staged)))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qk-merge") as pool:
-        for cfg_name, stats, n, counts in pool.map(one, sorted(staged)):
-            rows_added[cfg_name] = stats["added"]
-            if stats["conflicts"]:
-                conflicts[cfg_name] = {"count": stats["conflicts"], "examples": stats["conflict_examples"]}
-                log.warning("%s/%s: %d staged rows conflict with final rows (final rows kept)", split, cfg_name,
-                            stats["conflicts"])
-            if stats["changed"]:
-                touched.append(cfg_name)
-                methods[stats["method"]] += 1
-            if n:
-                rows_total[cfg_name] = n
-                add_counts(cfg_name, counts)
+    for cfg_name, stats, n, counts in (done[name] for name in names):
+        rows_added[cfg_name] = stats["added"]
+        if stats["conflicts"]:
+            conflicts[cfg_name] = {"count": stats["conflicts"], "examples": stats["conflict_examples"]}
+            log.warning("%s/%s: %d staged rows conflict with final rows (final rows kept)", split, cfg_name,
+                        stats["conflicts"])
+        if stats["changed"]:
+            touched.append(cfg_name)
+            methods[stats["method"]] += 1
+        if n:
+            rows_total[cfg_name] = n
+            add_counts(cfg_name, counts)
     for cfg_name, fpath in final_configs(final, split).items():
         if cfg_name not in rows_total:
             rows_total[cfg_name], counts = bucket_counts(None, fpath)

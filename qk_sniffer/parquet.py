@@ -17,12 +17,14 @@ footer). Encrypted files are refused.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -53,6 +55,30 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
             use_dictionary=[n for n in names if n != "vector"],  # float vectors never repeat
             write_statistics=[n for n in names if n != "vector"],
         )
+
+
+def summarize(table: pa.Table, path: Path) -> dict:
+    """What a merge needs to know of the sorted ``table`` just written to ``path``, so that it need not read the
+    file again: its first and last keys and bucket counts, and the file's identity (size and footer digest).
+    sniff-chunk records it in its manifest; a merge uses it only for a file that still matches it."""
+    footer = read_footer(path)
+    buckets = table.column("bucket").to_numpy()
+    counts = np.bincount(buckets) if len(buckets) and buckets.min() >= 0 else np.zeros(0, np.int64)
+    key = [table.column(k) for k in KEYS]
+    return {
+        "rows": table.num_rows,
+        "bytes": footer.size,
+        "footer_sha256": footer.digest,
+        "first_key": [int(c[0].as_py()) for c in key] if table.num_rows else None,
+        "last_key": [int(c[-1].as_py()) for c in key] if table.num_rows else None,
+        "buckets": {str(b): int(n) for b, n in enumerate(counts.tolist()) if n},
+    }
+
+
+def matches_summary(footer: Footer, summary) -> bool:
+    """Whether ``footer``'s file is the very file ``summary`` (from :func:`summarize`) was made of."""
+    return (isinstance(summary, dict) and summary.get("bytes") == footer.size
+            and summary.get("footer_sha256") == footer.digest and summary.get("rows") == footer.num_rows)
 
 
 # -- Thrift compact protocol (just enough to carry a footer over) --------------------------------
@@ -236,6 +262,14 @@ class Footer:
     @property
     def num_rows(self) -> int:
         return self.md.num_rows
+
+    @property
+    def size(self) -> int:
+        return self.body_end + len(self.raw) + 8
+
+    @cached_property
+    def digest(self) -> str:
+        return hashlib.sha256(self.raw).hexdigest()
 
     @cached_property
     def layout_key(self) -> tuple:

@@ -12,8 +12,9 @@ group at most per file):
 - ``final/README.md``: the front matter parses and its ``configs:`` list matches the files exactly,
   aggregates included (globs are expanded against the files on disk);
 - ``staging/chunk-*/manifest.json``: parses, and every staged file it lists has exactly the row
-  count it records (from the Parquet footer). A chunk without a manifest is unfinished, not
-  corrupt: it is a warning;
+  count it records (from the Parquet footer) and is the file the chunk wrote (size and footer
+  digest, as recorded for the merge). A chunk without a manifest is unfinished, not corrupt: it
+  is a warning;
 - no leftover temporary or hidden files under ``final/``.
 
 The sampler of a split is the one recorded in ``final/README.md`` (``qk_sniffer.splits.<split>.sampling``,
@@ -40,7 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .layout import CONFIG_RE, final_dir, staging_dir
-from .parquet import KEYS
+from .parquet import KEYS, matches_summary, read_footer
 from .sampling import KIND_CODE, MASK64, SHARED_HEAD, SamplerSpec, bucket_of, keep_probability, mix, mix_int, u_array
 from .writer import row_schema
 
@@ -706,6 +707,7 @@ class _Verifier:
                 continue
             self.report.checked["chunks"] += 1
             rows, files = manifest.get("rows"), manifest.get("files")
+            summaries = manifest.get("summaries") if isinstance(manifest.get("summaries"), dict) else {}
             if not isinstance(rows, dict) or not isinstance(files, dict):
                 self.problem(mf, f"has no rows/files mappings; delete {self.rel(d)} and rerun that chunk")
                 continue
@@ -733,13 +735,19 @@ class _Verifier:
                     continue
                 self.report.checked["staged_files"] += 1
                 try:
-                    got = pq.ParquetFile(p).metadata.num_rows
+                    footer = read_footer(p)
+                    got = footer.num_rows
                 except Exception as exc:  # noqa: BLE001
                     self.problem(p, f"is not readable Parquet ({type(exc).__name__}: {exc}); delete {self.rel(d)} "
                                     "and rerun that chunk")
                     continue
                 if got != count:
                     self.problem(p, f"holds {got:,} rows but {self.rel(mf)} records {count:,}; delete "
+                                    f"{self.rel(d)} and rerun that chunk")
+                summary = summaries.get(name)
+                if summary is not None and not matches_summary(footer, summary):
+                    self.problem(p, f"is not the file its chunk wrote (its size or footer differ from the record in "
+                                    f"{self.rel(mf)}; merge would read it instead of trusting the record); delete "
                                     f"{self.rel(d)} and rerun that chunk")
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections import Counter
 
 import numpy as np
 import polars as pl
@@ -57,6 +59,19 @@ def test_chunk_writes_complete_files_and_manifest_last(make_config):
     assert [c.column_index for c in meta.row_group(0).sorting_columns] == [1, 2]
     keys = list(zip(t.column("example_id").to_pylist(), t.column("position").to_pylist()))
     assert keys == sorted(set(keys))
+    # what the merge takes from the manifest instead of reading each file again, checked against the files
+    assert set(man["summaries"]) == set(man["files"])
+    for name, rel in man["files"].items():
+        path = chunk_dir(root, 0) / rel
+        t = pq.read_table(path)
+        keys = list(zip(t.column("example_id").to_pylist(), t.column("position").to_pylist()))
+        s = man["summaries"][name]
+        assert s["rows"] == t.num_rows == man["rows"][name] and s["bytes"] == path.stat().st_size
+        assert (s["first_key"], s["last_key"]) == (list(keys[0]), list(keys[-1]))
+        assert s["buckets"] == {str(b): n for b, n in sorted(Counter(t.column("bucket").to_pylist()).items())}
+        raw = path.read_bytes()
+        footer_len = int.from_bytes(raw[-8:-4], "little")
+        assert s["footer_sha256"] == hashlib.sha256(raw[-8 - footer_len:-8]).hexdigest()
 
 
 def test_sampled_keys_equal_spec(make_config):

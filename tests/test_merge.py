@@ -157,6 +157,50 @@ def test_footer_that_cannot_be_carried_over_falls_back_to_rewrite(tmp_path, stag
         assert pl.read_parquet(_final_files(root)[name]).equals(_expected(paths)), name
 
 
+def test_appends_use_the_chunks_records_instead_of_reading_keys(tmp_path, staged, monkeypatch):
+    from qk_sniffer import merge as merge_module
+
+    read = []
+    real = merge_module._read_span
+    monkeypatch.setattr(merge_module, "_read_span", lambda footer: read.append(footer.path) or real(footer))
+    root = _root(tmp_path / "a", staged)
+    assert merge_staging(_cfg(root))["methods"] == {"append": 24, "rewrite": 0}
+    assert read == []  # every staged file matched its manifest's record: no key column was read
+    for name, paths in _staged_files(root).items():
+        assert pl.read_parquet(_final_files(root)[name]).equals(_expected(paths)), name
+    # manifests of an older qk-sniffer (no records): the keys are read from every file, same result
+    other = _root(tmp_path / "b", staged)
+    for mf in (other / "staging").glob("chunk-*/manifest.json"):
+        man = json.loads(mf.read_text())
+        del man["summaries"]
+        mf.write_text(json.dumps(man))
+    result = merge_staging(_cfg(other))
+    assert result["methods"] == {"append": 24, "rewrite": 0} and len(read) == 48
+    assert result["buckets"] == json.loads((root / "final" / ".merged.json").read_text())["buckets"]
+    for name, path in _final_files(root).items():
+        assert path.read_bytes() == _final_files(other)[name].read_bytes()
+
+
+def test_a_staged_file_that_no_longer_matches_its_record_is_read(tmp_path, staged):
+    from qk_sniffer.parquet import write_parquet_atomic
+
+    root = _root(tmp_path, staged)
+    # chunk 1's file replaced by chunk 0's rows (sorted, in the final format): its record's keys no longer hold
+    name = "l02h01q"
+    replaced = root / "staging" / "chunk-1" / "data" / SPLIT / name / "data.parquet"
+    write_parquet_atomic(pq.read_table(root / "staging" / "chunk-0" / "data" / SPLIT / name / "data.parquet"),
+                         replaced)
+    man = json.loads((root / "staging" / "chunk-1" / "manifest.json").read_text())
+    man["rows"][name] = pq.ParquetFile(replaced).metadata.num_rows
+    (root / "staging" / "chunk-1" / "manifest.json").write_text(json.dumps(man))
+    result = merge_staging(_cfg(root))
+    # trusting the stale record would have appended every key twice; reading the file finds the overlap
+    assert result["methods"] == {"append": 23, "rewrite": 1}
+    got = pl.read_parquet(_final_files(root)[name])
+    assert got.select(KEYS).is_unique().all()
+    assert got.equals(_expected(_staged_files(root)[name]))
+
+
 def test_second_merge_rewrites_nothing(tmp_path, staged):
     root = _root(tmp_path, staged)
     cfg = _cfg(root)
