@@ -363,7 +363,7 @@ def synth_staging(root: Path, cfg: dict, *, n_chunks: int, n_layers: int, n_head
 
     from qk_sniffer.config import chunk_fingerprint, sampling_settings, split_name
     from qk_sniffer.layout import atomic_write_json, config_name, data_file, manifest_path
-    from qk_sniffer.parquet import write_parquet_atomic
+    from qk_sniffer.parquet import summarize, write_parquet_atomic
     from qk_sniffer.sampling import bucket_of
     from qk_sniffer.writer import row_schema
 
@@ -372,7 +372,7 @@ def synth_staging(root: Path, cfg: dict, *, n_chunks: int, n_layers: int, n_head
     schema = row_schema(head_dim)
     total = 0
     for c in range(n_chunks):
-        rows, files = {}, {}
+        rows, files, summaries = {}, {}, {}
         for layer in range(n_layers):
             for head in range(n_heads):
                 for kind in "qk":
@@ -389,13 +389,15 @@ def synth_staging(root: Path, cfg: dict, *, n_chunks: int, n_layers: int, n_head
                         pa.nulls(n, pa.int32()), pa.repeat(pa.scalar(layer, pa.int16()), n),
                         pa.repeat(pa.scalar(head, pa.int16()), n), pa.repeat(pa.scalar(kind), n)], schema=schema)
                     # as sniff-chunk writes them: sorted by key, in the final files' format
-                    write_parquet_atomic(table, data_file(root / "staging" / f"chunk-{c}", split, name))
+                    path = data_file(root / "staging" / f"chunk-{c}", split, name)
+                    write_parquet_atomic(table, path)
+                    summaries[name] = summarize(table, path)
                     rows[name] = n
                     files[name] = f"data/{split}/{name}/data.parquet"
                     total += n
         atomic_write_json(manifest_path(root, c), {
             "chunk": c, "num_chunks": n_chunks, "split": split, "example_range": [c * 1000, (c + 1) * 1000],
-            "examples": 1000, "tokens": 0, "rows": rows, "files": files,
+            "examples": 1000, "tokens": 0, "rows": rows, "files": files, "summaries": summaries,
             "config_fingerprint": chunk_fingerprint(cfg), "sampling": sampling_settings(cfg),
             "model": {"name": "synthetic", "num_layers": n_layers, "num_heads": n_heads, "num_kv_heads": n_heads,
                       "head_dim": head_dim, "layer_windows": [None] * n_layers},
@@ -441,7 +443,7 @@ def bench_merge(args, tmp: Path) -> list[dict]:
             out.parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(t, out, compression="zstd")
 
-    def copy_floor(work: Path) -> None:  # what any merge writing one file per config pays: the bytes, copied once
+    def copy_floor(work: Path, durable: bool = False) -> None:  # the bytes, copied once into one file per config
         for name in configs:
             out = work / "copy" / f"{name}.bin"
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -449,6 +451,27 @@ def bench_merge(args, tmp: Path) -> list[dict]:
                 for p in staged_files(work, name):
                     with open(p, "rb") as src:
                         shutil.copyfileobj(src, fh, 16 << 20)
+                if durable:  # on disk before it could be renamed into place, as the merge does
+                    fh.flush()
+                    os.fsync(fh.fileno())
+
+    def durable_floor(work: Path) -> None:
+        copy_floor(work, durable=True)
+
+    def not_durable(work: Path) -> None:  # what the merge would take if it did not wait for the disk (it does)
+        from unittest import mock
+
+        with mock.patch("os.fsync"):
+            ours(work)
+
+    def without_summaries(work: Path) -> None:  # manifests without the chunks' records: keys read from the files
+        for mf in work.glob("staging/chunk-*/manifest.json"):
+            m = json.loads(mf.read_text())
+            m.pop("summaries", None)
+            mf.write_text(json.dumps(m))
+        t = time.perf_counter()
+        ours(work)
+        return time.perf_counter() - t
 
     def row_by_row(work: Path) -> None:  # the naive design: Python objects per row, dict dedup, sort, write
         for name in subset:
@@ -464,23 +487,27 @@ def bench_merge(args, tmp: Path) -> list[dict]:
         work = tmp / "merge-work"
         shutil.rmtree(work, ignore_errors=True)
         shutil.copytree(src / "staging", work / "staging")  # not timed
+        os.sync()  # the copy's dirty pages written out now, not during (and charged to) the timed call
         t = time.perf_counter()
-        fn(work)
-        return time.perf_counter() - t
+        took = fn(work)
+        return took if took is not None else time.perf_counter() - t
 
     reps = max(3, min(args.reps, 5))
     timed(ours), timed(raw)  # warm-up
-    t_ours, t_raw, t_rewrite, t_chunk, t_copy = [], [], [], [], []
+    t_ours, t_raw, t_rewrite, t_chunk, t_copy, t_durable, t_read, t_nosync = [], [], [], [], [], [], [], []
     for _ in range(reps):
         t_ours.append(timed(ours))
         t_raw.append(timed(raw))
         t_rewrite.append(timed(rewrite))
         t_copy.append(timed(copy_floor))
+        t_durable.append(timed(durable_floor))
+        t_read.append(timed(without_summaries))
+        t_nosync.append(timed(not_durable))
     for _ in range(3):
         t_chunk.append(timed(chunk_side))
     t_naive = [timed(row_by_row) for _ in range(3)]
-    m_ours, m_raw, m_rewrite, m_chunk, m_copy = (
-        statistics.median(t) for t in (t_ours, t_raw, t_rewrite, t_chunk, t_copy))
+    m_ours, m_raw, m_rewrite, m_chunk, m_copy, m_durable, m_read, m_nosync = (
+        statistics.median(t) for t in (t_ours, t_raw, t_rewrite, t_chunk, t_copy, t_durable, t_read, t_nosync))
     naive_full = statistics.median(t_naive) / len(subset) * len(configs)
     case = f"{staged:,} staged rows, {len(configs)} configs, 8 chunks, D={head_dim}"
     return [
@@ -493,6 +520,15 @@ def bench_merge(args, tmp: Path) -> list[dict]:
         dict(benchmark="merge", case="same; the floor: copying the staged bytes once into one file per config",
              a=f"copy {m_copy:.2f} s", b=f"row-by-row {naive_full:.1f} s", ratio=round(naive_full / m_copy, 1),
              goal="report (the most any merge can gain over row-by-row here)"),
+        dict(benchmark="merge", case="same; the durable floor: that copy, each file fsynced (as any safe merge must)",
+             a=f"copy + fsync {m_durable:.2f} s", b=f"merge_staging {m_ours:.2f} s",
+             ratio=round(m_ours / m_durable, 3), goal="report (merge / durable floor)"),
+        dict(benchmark="merge", case="same, with fsync disabled (not how it runs: what durability costs)",
+             a=f"merge_staging without fsync {m_nosync:.2f} s", b=f"row-by-row {naive_full:.1f} s",
+             ratio=round(naive_full / m_nosync, 1), goal="report"),
+        dict(benchmark="merge", case="same, manifests without the chunks' key and bucket records (keys read instead)",
+             a=f"merge_staging {m_read:.2f} s", b=f"row-by-row {naive_full:.1f} s",
+             ratio=round(naive_full / m_read, 1), goal="report"),
         dict(benchmark="merge", case="same, rewrite path (keys that interleave or repeat: decode, dedup, sort, encode)",
              a=f"merge_staging append=False {m_rewrite:.2f} s", b=f"raw pyarrow read+write {m_raw:.2f} s",
              ratio=round(m_rewrite / m_raw, 3), goal="<= 2x raw"),
