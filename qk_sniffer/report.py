@@ -35,6 +35,9 @@ import io
 import json
 import logging
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +68,8 @@ QUANTILES = (0.25, 0.5, 0.75)
 MAX_PANELS = 16  # more layers than this: one line per layer instead of one panel per layer
 ANNOTATE_CELLS = 256  # heatmaps with at most this many cells print their values
 DPI = 110
+REPORT_WORKERS = min(4, os.cpu_count() or 1)  # layers scanned at once
+FIGURE_WORKERS = min(4, os.cpu_count() or 1)  # figures drawn at once, each in its own process
 
 
 class ReportError(ValueError):
@@ -271,6 +276,41 @@ class _LayerKind:
 
 
 @dataclass
+class _Tally:
+    """What scanning some of a split's files adds up to (one per layer, then summed)."""
+
+    rows: dict = field(default_factory=lambda: {"q": {}, "k": {}})  # kind -> bucket -> rows
+    covered_rows: dict = field(default_factory=lambda: {"q": {}, "k": {}})  # kind -> bucket -> rows of covered examples
+    layer_kind: dict = field(default_factory=dict)  # (layer, kind) -> _LayerKind
+    config_stats: dict = field(default_factory=dict)
+    cosine: dict = field(default_factory=dict)  # (layer, query head) -> mean cosine with its key head
+    sampled_rows: int = 0
+
+    def count_rows(self, kind: str, bucket: np.ndarray, covered: bool = False) -> None:
+        per = (self.covered_rows if covered else self.rows)[kind]
+        if not bucket.size:
+            return
+        if bucket.min() >= 0:
+            counts = np.bincount(bucket)
+            found = np.flatnonzero(counts)
+            counts = counts[found]
+        else:  # not a bucket sniff-chunk writes (verify reports it); counted all the same
+            found, counts = np.unique(bucket, return_counts=True)
+        for b, c in zip(found.tolist(), counts.tolist()):
+            per[b] = per.get(b, 0) + c
+
+    def add(self, other: _Tally) -> None:
+        for mine, theirs in ((self.rows, other.rows), (self.covered_rows, other.covered_rows)):
+            for kind, per in theirs.items():
+                for b, c in per.items():
+                    mine[kind][b] = mine[kind].get(b, 0) + c
+        self.layer_kind.update(other.layer_kind)  # a layer's entries come from that layer alone
+        self.config_stats.update(other.config_stats)
+        self.cosine.update(other.cosine)
+        self.sampled_rows += other.sampled_rows
+
+
+@dataclass
 class _Groups:
     """Sums of unit vectors per (example_id, bucket), sorted by key; ``count`` rows with a nonzero norm each."""
 
@@ -389,19 +429,15 @@ class _SplitScan:
         self.sampling = _usable_sampling(meta)
         self.configs = _config_table(root, split)
         self.cutoff = _sample_cutoff([p for *_, p in self.configs], VECTOR_SAMPLE_ROWS)
-        self.sampled_rows = 0
         ext = _extents([p for *_, p in self.configs])
         self.ext_ids = ext.get_column("example_id").to_numpy()
         self.ext_max = ext.get_column("max_position").to_numpy()
-        self.rows: dict[str, dict[int, int]] = {"q": {}, "k": {}}
-        self.covered_rows: dict[str, dict[int, int]] = {"q": {}, "k": {}}
-        self.layer_kind: dict[tuple[int, str], _LayerKind] = {}
-        self.config_stats: dict[str, dict] = {}
-        self.cosine: dict[tuple[int, int], dict] = {}
+        self.acc = _Tally()
 
     # -- one file
-    def _scan(self, layer: int, head: int, kind: str, path: Path, keys: _Groups | None, want_groups: bool):
-        lk = self.layer_kind.setdefault((layer, kind), _LayerKind())
+    def _scan(self, acc: _Tally, layer: int, head: int, kind: str, path: Path, keys: _Groups | None,
+              want_groups: bool):
+        lk = acc.layer_kind.setdefault((layer, kind), _LayerKind())
         n_rows, n_vec, norm_total = 0, 0, 0.0
         parts: list[_Groups] = []
         dot, pairs = 0.0, 0
@@ -411,21 +447,16 @@ class _SplitScan:
             bucket = batch.column("bucket").to_numpy(zero_copy_only=False).astype(np.int64)
             ex = batch.column("example_id").to_numpy(zero_copy_only=False).astype(np.int64)
             n_rows += batch.num_rows
-            ub, cnt = np.unique(bucket, return_counts=True)
-            for b, c in zip(ub.tolist(), cnt.tolist()):
-                self.rows[kind][b] = self.rows[kind].get(b, 0) + c
+            acc.count_rows(kind, bucket)
             if self.sampling is not None:
                 _, hi = bucket_bounds(bucket, self.sampling)
                 idx = np.searchsorted(self.ext_ids, ex)
-                covered = self.ext_max[idx] > hi
-                cb, cc = np.unique(bucket[covered], return_counts=True)
-                for b, c in zip(cb.tolist(), cc.tolist()):
-                    self.covered_rows[kind][b] = self.covered_rows[kind].get(b, 0) + c
+                acc.count_rows(kind, bucket[self.ext_max[idx] > hi], covered=True)
             if not sampled:
                 continue
-            if self.cutoff is not None and ex[-1] >= self.cutoff:  # the batch that crosses the cutoff
-                keep = ex < self.cutoff
-                batch, bucket, ex = batch.filter(keep), bucket[keep], ex[keep]
+            if self.cutoff is not None and ex[-1] >= self.cutoff:  # the batch that crosses the cutoff (rows sorted)
+                keep = int(np.searchsorted(ex, self.cutoff))
+                batch, bucket, ex = batch.slice(0, keep), bucket[:keep], ex[:keep]
                 if batch.num_rows == 0:
                     continue
             vec = _vectors(batch)
@@ -450,8 +481,8 @@ class _SplitScan:
                     iq, ik = hit.get_column("iq").to_numpy(), hit.get_column("ik").to_numpy()
                     dot += float(np.einsum("ij,ij->", g.sums[iq], keys.sums[ik]))
                     pairs += int((g.count[iq] * keys.count[ik]).sum())
-        self.sampled_rows += n_vec
-        self.config_stats[path.parent.name] = {
+        acc.sampled_rows += n_vec
+        acc.config_stats[path.parent.name] = {
             "layer": layer, "head": head, "kind": kind, "rows": n_rows, "vector_rows": n_vec,
             "mean_norm": norm_total / n_vec if n_vec else None,
         }
@@ -459,24 +490,32 @@ class _SplitScan:
         return groups, dot, pairs
 
     def run(self) -> None:
+        """Every layer's files, a few layers at a time (pyarrow and numpy do most of it without the GIL); each
+        layer tallies apart and the tallies are added up in layer order, so the result does not depend on timing."""
+        layers = sorted({c[0] for c in self.configs})
+        with ThreadPoolExecutor(max_workers=max(1, min(REPORT_WORKERS, len(layers)))) as pool:
+            for tally in pool.map(self._layer, layers):
+                self.acc.add(tally)
+
+    def _layer(self, layer: int) -> _Tally:
+        acc = _Tally()
         n_q, n_kv = self._head_counts()
         group = n_q // n_kv if n_q and n_kv and n_q % n_kv == 0 else None
-        layers = sorted({c[0] for c in self.configs})
-        for layer in layers:
-            qs = {h: p for la, h, k, p in self.configs if la == layer and k == "q"}
-            ks = {h: p for la, h, k, p in self.configs if la == layer and k == "k"}
-            done_q: set[int] = set()
-            for g, kpath in sorted(ks.items()):
-                mine = sorted(h for h in qs if group is not None and h // group == g)
-                groups, _, _ = self._scan(layer, g, "k", kpath, None, want_groups=bool(mine))
-                for h in mine:
-                    _, dot, pairs = self._scan(layer, h, "q", qs[h], groups, want_groups=False)
-                    self.cosine[(layer, h)] = {"kv_head": g, "pairs": pairs, "mean": dot / pairs if pairs else None}
-                    done_q.add(h)
-                del groups
-            for h, qpath in sorted(qs.items()):
-                if h not in done_q:
-                    self._scan(layer, h, "q", qpath, None, want_groups=False)
+        qs = {h: p for la, h, k, p in self.configs if la == layer and k == "q"}
+        ks = {h: p for la, h, k, p in self.configs if la == layer and k == "k"}
+        done_q: set[int] = set()
+        for g, kpath in sorted(ks.items()):
+            mine = sorted(h for h in qs if group is not None and h // group == g)
+            groups, _, _ = self._scan(acc, layer, g, "k", kpath, None, want_groups=bool(mine))
+            for h in mine:
+                _, dot, pairs = self._scan(acc, layer, h, "q", qs[h], groups, want_groups=False)
+                acc.cosine[(layer, h)] = {"kv_head": g, "pairs": pairs, "mean": dot / pairs if pairs else None}
+                done_q.add(h)
+            del groups
+        for h, qpath in sorted(qs.items()):
+            if h not in done_q:
+                self._scan(acc, layer, h, "q", qpath, None, want_groups=False)
+        return acc
 
     def _head_counts(self) -> tuple[int | None, int | None]:
         model = self.meta.get("model") or {}
@@ -487,14 +526,14 @@ class _SplitScan:
 
     # -- results
     def result(self) -> dict:
-        buckets = sorted(set(self.rows["q"]) | set(self.rows["k"]))
+        buckets = sorted(set(self.acc.rows["q"]) | set(self.acc.rows["k"]))
         n_cfg = {k: sum(1 for c in self.configs if c[2] == k) for k in KINDS}
         n_layers = {k: len({c[0] for c in self.configs if c[2] == k}) for k in KINDS}
         streams = dict(n_cfg) if (self.sampling or {}).get("per_head") else n_layers
         table = []
         ext_len = self.ext_max + 1
         for b in buckets:
-            row: dict = {"bucket": b, "rows": {k: int(self.rows[k].get(b, 0)) for k in KINDS}}
+            row: dict = {"bucket": b, "rows": {k: int(self.acc.rows[k].get(b, 0)) for k in KINDS}}
             if self.sampling is not None:
                 lo, hi = (int(x[0]) for x in bucket_bounds([b], self.sampling))
                 width = hi - lo + 1
@@ -506,10 +545,10 @@ class _SplitScan:
                     "first_position": lo, "last_position": hi, "keep_probability": p,
                     "expected_rows": {k: in_bucket * p * n_cfg[k] for k in KINDS},
                     "covered_examples": covered,
-                    "covered_rows": {k: int(self.covered_rows[k].get(b, 0)) for k in KINDS},
+                    "covered_rows": {k: int(self.acc.covered_rows[k].get(b, 0)) for k in KINDS},
                     "expected_rows_per_covered_example": per_ex,
                     "rows_per_covered_example": {
-                        k: (self.covered_rows[k].get(b, 0) / (covered * n_cfg[k]) if covered and n_cfg[k] else None)
+                        k: (self.acc.covered_rows[k].get(b, 0) / (covered * n_cfg[k]) if covered and n_cfg[k] else None)
                         for k in KINDS},
                     "standard_error": {
                         k: (math.sqrt(width * p * (1 - p) / (covered * streams[k])) if covered and streams[k] else None)
@@ -517,7 +556,7 @@ class _SplitScan:
                 })
             table.append(row)
         norms: dict = {"q": {}, "k": {}}
-        for (layer, kind), lk in sorted(self.layer_kind.items()):
+        for (layer, kind), lk in sorted(self.acc.layer_kind.items()):
             qv = lk.hist.quantiles()
             norms[kind][layer] = {
                 b: {"rows": int(lk.n[b]), "mean": lk.norm_sum[b] / lk.n[b], "q1": qv[b][0], "median": qv[b][1],
@@ -525,10 +564,10 @@ class _SplitScan:
                 for b in sorted(lk.n) if lk.n[b]
             }
         mean_norm: dict = {"q": {}, "k": {}}
-        for st in self.config_stats.values():
+        for st in self.acc.config_stats.values():
             mean_norm[st["kind"]].setdefault(st["layer"], {})[st["head"]] = st["mean_norm"]
         cosine: dict = {}
-        for (layer, h), c in sorted(self.cosine.items()):
+        for (layer, h), c in sorted(self.acc.cosine.items()):
             cosine.setdefault(layer, {})[h] = c
         return {
             "sampling": self.sampling,
@@ -537,9 +576,9 @@ class _SplitScan:
             "model": self.meta.get("model"),
             "dataset": self.meta.get("dataset"),
             "examples": int(self.ext_ids.size),
-            "rows_total": int(sum(sum(v.values()) for v in self.rows.values())),
-            "vector_sample": {"example_id_below": self.cutoff, "rows": int(self.sampled_rows)},
-            "configs": dict(sorted(self.config_stats.items())),
+            "rows_total": int(sum(sum(v.values()) for v in self.acc.rows.values())),
+            "vector_sample": {"example_id_below": self.cutoff, "rows": int(self.acc.sampled_rows)},
+            "configs": dict(sorted(self.acc.config_stats.items())),
             "config_counts": n_cfg,
             "independent_streams": streams,
             "buckets": table,
@@ -982,27 +1021,77 @@ def _jsonable(obj):
     return obj
 
 
-def render_report(cfg: dict, out_dir: Path, *, root: Path | None = None, formats=FORMATS) -> list[Path]:
+def _warm() -> None:
+    """A figure worker's first job: have matplotlib's drawing code loaded before the statistics are ready."""
+    import matplotlib.backends.backend_agg  # noqa: F401
+    import matplotlib.backends.backend_svg  # noqa: F401
+
+
+def _figure_pool(workers: int):
+    """Worker processes for drawing figures (each figure is independent; matplotlib holds the GIL throughout).
+
+    They are forked from a fresh server process (``forkserver``), never from this one, whose pyarrow and
+    polars threads a fork must not copy; None when one process is all there is."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    if workers < 2:
+        return None
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["qk_sniffer.report", "matplotlib.figure"])
+    else:
+        ctx = mp.get_context("spawn")
+    try:
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+        for _ in range(workers):  # start the workers now: they load matplotlib while the statistics are computed
+            pool.submit(_warm)
+    except (OSError, ImportError, NotImplementedError, BrokenProcessPool) as exc:  # e.g. no working semaphores
+        log.warning("report: no figure worker processes (%s); drawing in this process", exc)
+        return None
+    return pool
+
+
+def render_report(cfg: dict, out_dir: Path, *, root: Path | None = None, formats=FORMATS,
+                  workers: int | None = None) -> list[Path]:
     """Draw the report of the dataset under ``cfg``'s data root into ``out_dir``; returns every file written.
 
     ``out_dir/rows_per_bucket/<split>.png``, ``out_dir/norms/<split>/<queries|keys>.png``,
     ``out_dir/heads/<split>.png`` (each also as ``.svg`` by default), ``out_dir/run/chunk_timings.png``,
     ``out_dir/run/run_metadata.html`` and ``out_dir/run/stats.json`` (the numbers behind the figures).
+    Figures are drawn by ``workers`` processes at once (default 1: in this process; the ``report`` command
+    uses ``FIGURE_WORKERS``); the files are the same either way. Worker processes import the main module
+    as multiprocessing does: a script calling this with ``workers > 1`` needs an ``if __name__ == "__main__"``
+    guard.
     """
     root = Path(root) if root is not None else data_root(cfg)
     out = Path(out_dir)
     for sub in ("rows_per_bucket", "norms", "heads", "run"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    stats = compute_stats(root)
-    metas = {s: split_metadata(root, s) for s in stats["splits"]}
-    written: list[Path] = []
-    for split, st in stats["splits"].items():
-        written += render_rows_per_bucket(split, st, out / "rows_per_bucket" / split, formats)
-        for kind in KINDS:
-            if st["config_counts"][kind]:
-                written += render_norms(split, st, kind, out / "norms" / split / KIND_LABEL[kind], formats)
-        written += render_heads(split, st, out / "heads" / split, formats)
-    written += render_chunk_timings(stats["chunks"], out / "run" / "chunk_timings", formats)
+    pool = _figure_pool(workers or 1)
+    try:
+        stats = compute_stats(root)
+        metas = {s: split_metadata(root, s) for s in stats["splits"]}
+        jobs: list[tuple] = []
+        for split, st in stats["splits"].items():
+            jobs.append((render_rows_per_bucket, split, st, out / "rows_per_bucket" / split, formats))
+            for kind in KINDS:
+                if st["config_counts"][kind]:
+                    jobs.append((render_norms, split, st, kind, out / "norms" / split / KIND_LABEL[kind], formats))
+            jobs.append((render_heads, split, st, out / "heads" / split, formats))
+        jobs.append((render_chunk_timings, stats["chunks"], out / "run" / "chunk_timings", formats))
+        drawn = None
+        if pool is not None:
+            try:
+                drawn = [f.result() for f in [pool.submit(*job) for job in jobs]]
+            except BrokenProcessPool as exc:  # e.g. a worker could not start: draw them here instead
+                log.warning("report: figure worker processes failed (%s); drawing in this process", exc)
+        if drawn is None:
+            drawn = [job[0](*job[1:]) for job in jobs]
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    written = [p for paths in drawn for p in paths]
     written.append(render_metadata_html(stats, metas, out / "run" / "run_metadata.html"))
     stats_path = out / "run" / "stats.json"
     atomic_write_json(stats_path, _jsonable({**stats, "current_split": split_name(cfg)}))
@@ -1014,7 +1103,7 @@ def report_main(cfg: dict, out_dir: Path | None = None) -> list[Path]:
     """The ``report`` command: :func:`render_report` into ``out_dir`` (default ``<data_root>/report``)."""
     root = data_root(cfg)
     out = Path(out_dir) if out_dir is not None else root / "report"
-    written = render_report(cfg, out, root=root)
+    written = render_report(cfg, out, root=root, workers=FIGURE_WORKERS)
     log.info("report: %d files under %s", len(written), out)
     return written
 

@@ -133,11 +133,31 @@ def test_metadata_table_names_model_dataset_and_sampler(rendered, final):
 def test_rendering_twice_gives_the_same_bytes(final, rendered, tmp_path):
     cfg, root = final
     files, out, _ = rendered
-    again = render_report(cfg, tmp_path, root=root)
+    again = render_report(cfg, tmp_path, root=root, workers=2)  # figures drawn by worker processes this time
     assert sorted(p.relative_to(tmp_path) for p in again) == sorted(p.relative_to(out) for p in files)
     for p in again:
-        if p.suffix in (".png", ".svg", ".html"):
+        if p.suffix in (".png", ".svg", ".html", ".json"):
             assert p.read_bytes() == (out / p.relative_to(tmp_path)).read_bytes(), p
+
+
+def test_figures_are_drawn_here_when_worker_processes_fail(final, rendered, tmp_path, monkeypatch):
+    from concurrent.futures.process import BrokenProcessPool
+
+    from qk_sniffer import report as report_module
+
+    class Broken:
+        def submit(self, *args):
+            raise BrokenProcessPool("a worker could not start")
+
+        def shutdown(self, **kw):
+            pass
+
+    monkeypatch.setattr(report_module, "_figure_pool", lambda workers: Broken())
+    cfg, root = final
+    files, out, _ = rendered
+    again = render_report(cfg, tmp_path, root=root, workers=2)
+    assert sorted(p.relative_to(tmp_path) for p in again) == sorted(p.relative_to(out) for p in files)
+    assert all(p.stat().st_size > 0 for p in again)
 
 
 # -- statistics against independent computations -----------------------------------------------
