@@ -307,7 +307,10 @@ def _recorded_span(footer: Footer, summary) -> tuple[tuple[int, int], tuple[int,
 
 def _read_span(footer: Footer) -> tuple[tuple[int, int], tuple[int, int], dict[int, int]] | None:
     """First key, last key and bucket counts of a staged file, read from it (None unless its keys strictly increase)."""
-    t = pq.ParquetFile(footer.path).read(columns=[*KEYS, "bucket"])
+    try:
+        t = pq.ParquetFile(footer.path).read(columns=[*KEYS, "bucket"])
+    except Exception:  # noqa: BLE001 - a damaged file: the rewrite path reads it and names it
+        return None
     ex, pos = t.column("example_id").to_numpy(), t.column("position").to_numpy()
     buckets = t.column("bucket").to_numpy()
     if not _strictly_increasing(ex, pos) or (len(buckets) and buckets.min() < 0):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -328,18 +329,18 @@ def _copy(src: Path, start: int, stop: int, dst) -> None:
             left -= n
 
 
-def _replace(value: bytes) -> callable:
+def _replace(value: bytes) -> Callable:
     """An edit that puts ``value`` in place of a field's value."""
     return lambda buf, pos, ttype: (value, _skip(buf, pos, ttype))
 
 
-def _refuse(why: str) -> callable:
+def _refuse(why: str) -> Callable:
     def edit(buf, pos, ttype):
         raise FooterError(why)
     return edit
 
 
-def _shift(footer: Footer, delta: int) -> callable:
+def _shift(footer: Footer, delta: int) -> Callable:
     """An edit that moves an absolute file offset of ``footer``'s file by ``delta``."""
     def edit(buf, pos, ttype):
         raw, end = _uvarint(buf, pos)
