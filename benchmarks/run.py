@@ -621,12 +621,20 @@ def _resume_case(tmp: Path, per_chunk: int) -> dict:
     done_before = len(list(staging.glob("chunk-*/manifest.json")))
     salvaged = _journal_done(running) if running is not None else 0
     _snakemake(kill_w, path, "--unlock")
+    before = {m.parent.name for m in staging.glob("chunk-*/manifest.json")}
     t = time.perf_counter()
     _snakemake(kill_w, path, "--rerun-incomplete")
     rerun = time.perf_counter() - t
+    redone = []  # what the rerun's chunk jobs did, so that an odd figure can be traced
+    for m in sorted(staging.glob("chunk-*/manifest.json")):
+        if m.parent.name not in before:
+            man = json.loads(m.read_text())
+            how = f"resumed after {man['resumed']['examples']}" if man.get("resumed") else "whole"
+            redone.append(f"{m.parent.name} {how} {man['timings']['total_s']:.0f} s")
     return dict(benchmark="resume",
                 case=f"6 chunks x {per_chunk} examples (median forward {forward:.1f} s each), killed after "
-                     f"{done_before} chunks + {salvaged} examples of the 5th (checkpointed)",
+                     f"{done_before} chunks + {salvaged} examples of the 5th (checkpointed); the rerun ran "
+                     f"{', '.join(redone)}",
                 a=f"rerun {rerun:.1f} s", b=f"full run {full:.1f} s", ratio=round(rerun / full, 3),
                 goal=GOALS["resume"])
 
