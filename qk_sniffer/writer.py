@@ -1,4 +1,4 @@
-"""Background Parquet writer: one file per capture config, memory bounded by a byte budget."""
+"""Background Parquet writer of a chunk's segments: one file per capture config, memory bounded by a byte budget."""
 
 from __future__ import annotations
 
@@ -62,13 +62,14 @@ class ChunkWriter:
         self.token_table = token_table
         self.token_strings = token_strings
         self.buffer_bytes = buffer_bytes
-        self._buffers: dict[str, list[pa.RecordBatch]] = {}
+        self._buffers: dict[str, dict] = {}  # config -> its key columns and buffered numpy parts
         self._buffered = 0
         self._writers: dict[str, pq.ParquetWriter] = {}
         self._tmp: dict[str, Path] = {}
         self.rows: dict[str, int] = {}
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._error: BaseException | None = None
+        self._aborted = False
         _raise_fd_limit(n_configs_hint + 256)
         self._thread = threading.Thread(target=self._run, name="qk-sniffer-writer", daemon=True)
         self._thread.start()
@@ -90,11 +91,12 @@ class ChunkWriter:
         return dict(self.rows)
 
     def abort(self) -> None:
-        """Stop without renaming anything into place (temporary files are removed)."""
-        try:
-            self._queue.put_nowait(_DONE)
-        except queue.Full:
-            pass
+        """Stop without renaming anything into place (temporary files are removed). Waits for the writer thread,
+        which skips whatever is still queued, so that nothing writes into the directory after this returns."""
+        self._aborted = True
+        if self._thread.is_alive():
+            self._queue.put(_DONE)  # never blocks for long: once aborted, the thread only drains the queue
+            self._thread.join()
         for writer in self._writers.values():
             try:
                 writer.close()
@@ -113,12 +115,12 @@ class ChunkWriter:
             item = self._queue.get()
             if item is _DONE:
                 break
-            if self._error is None:  # after a failure keep draining so the producer never blocks
+            if self._error is None and not self._aborted:  # after a failure keep draining: the producer never blocks
                 try:
                     self._consume(item)
                 except BaseException as exc:  # noqa: BLE001 - surfaced by _check
                     self._error = exc
-        if self._error is None:
+        if self._error is None and not self._aborted:
             try:
                 self._flush_all()
             except BaseException as exc:  # noqa: BLE001
@@ -151,40 +153,55 @@ class ChunkWriter:
             self._flush_all()
 
     def _add(self, layer, head, kind, vectors, bucket, example_id, position, window, tok) -> None:
+        """Buffer one batch's rows of one config as numpy arrays (Arrow is built once per config at a flush:
+        the per-batch work in this thread stays small, since it holds the GIL the forward pass also needs)."""
+        name = config_name(layer, head, kind, self.n_layers, self.n_heads)
+        part = (np.ascontiguousarray(vectors), bucket, example_id, position, tok)
+        entry = self._buffers.get(name)
+        if entry is None:
+            entry = self._buffers[name] = {"key": (layer, head, kind, window), "parts": []}
+        entry["parts"].append(part)
         n = vectors.shape[0]
-        flat = pa.array(np.ascontiguousarray(vectors).reshape(-1), type=self.schema.field("vector").type.value_type)
+        self._buffered += part[0].nbytes + n * 16
+        self.rows[name] = self.rows.get(name, 0) + n
+
+    def _table(self, key: tuple, parts: list[tuple]) -> pa.Table:
+        layer, head, kind, window = key
+        vectors = np.concatenate([p[0] for p in parts]).reshape(-1)
+        n = sum(len(p[1]) for p in parts)
         cols = [
-            pa.array(bucket.astype(np.int32)),
-            pa.array(example_id.astype(np.int64)),
-            pa.array(position.astype(np.int32)),
-            pa.FixedSizeListArray.from_arrays(flat, self.head_dim),
+            pa.array(np.concatenate([p[1] for p in parts]).astype(np.int32, copy=False)),
+            pa.array(np.concatenate([p[2] for p in parts]).astype(np.int64, copy=False)),
+            pa.array(np.concatenate([p[3] for p in parts]).astype(np.int32, copy=False)),
+            pa.FixedSizeListArray.from_arrays(pa.array(vectors, type=self.schema.field("vector").type.value_type),
+                                              self.head_dim),
             pa.nulls(n, pa.int32()) if window is None else pa.repeat(pa.scalar(window, pa.int32()), n),
         ]
         if self.token_strings:
-            cols.append(pa.array(tok, type=pa.string()) if tok is not None else pa.nulls(n, pa.string()))
+            toks = [p[4] if p[4] is not None else np.full(len(p[1]), None, dtype=object) for p in parts]
+            cols.append(pa.array(np.concatenate(toks), type=pa.string()))
         cols += [
             pa.repeat(pa.scalar(layer, pa.int16()), n),
             pa.repeat(pa.scalar(head, pa.int16()), n),
             pa.repeat(pa.scalar(kind, pa.string()), n),
         ]
-        rb = pa.RecordBatch.from_arrays(cols, schema=self.schema)
-        name = config_name(layer, head, kind, self.n_layers, self.n_heads)
-        self._buffers.setdefault(name, []).append(rb)
-        self._buffered += rb.nbytes
-        self.rows[name] = self.rows.get(name, 0) + n
+        return pa.Table.from_arrays(cols, schema=self.schema)
 
     def _flush_all(self) -> None:
-        for name, batches in self._buffers.items():
-            if not batches:
+        for name, entry in self._buffers.items():
+            if not entry["parts"]:
                 continue
             writer = self._writers.get(name)
             if writer is None:
                 final = data_file(self.out_dir, self.split, name)
                 final.parent.mkdir(parents=True, exist_ok=True)
                 tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-                writer = pq.ParquetWriter(tmp, self.schema, compression="zstd", write_page_checksum=True)
+                # segments are read back once, at the chunk's end: a fast codec, and no dictionary for float
+                # vectors (they never repeat); the chunk's final files are written in the dataset's format
+                writer = pq.ParquetWriter(tmp, self.schema, compression="lz4", write_page_checksum=True,
+                                          use_dictionary=[n for n in self.schema.names if n != "vector"])
                 self._writers[name] = writer
                 self._tmp[name] = tmp
-            writer.write_table(pa.Table.from_batches(batches, schema=self.schema))
+            writer.write_table(self._table(entry["key"], entry["parts"]))
         self._buffers = {}
         self._buffered = 0

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import polars as pl
@@ -289,3 +291,43 @@ def test_non_utf8_text_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match=r"is not valid UTF-8.*re-encode the file"):
         run_chunk(cfg, 0, 1)
     assert not (tmp_path / "root" / "staging" / "chunk-0" / "manifest.json").exists()
+
+
+class _SlowBatch:
+    """What the writer thread takes from sniff-chunk: one config's rows, ready after ``delay`` seconds."""
+
+    def __init__(self, first_example: int, delay: float, rows: int = 50, dim: int = 8):
+        import torch
+
+        rng = np.random.default_rng(first_example)
+        self.delay, self.token_ids = delay, None
+        plan = SimpleNamespace(size=rows, per_head=False, heads=[0], bucket=np.zeros(rows, np.int64),
+                               example_id=np.full(rows, first_example, np.int64),
+                               position=np.arange(rows, dtype=np.int64))
+        self.items = [(0, "q", plan, torch.as_tensor(rng.standard_normal((rows, 1, dim), dtype=np.float32)), None)]
+
+    def wait(self):
+        time.sleep(self.delay)
+
+
+def test_an_aborted_writer_writes_nothing_after_it_returns(tmp_path):
+    """A killed chunk aborts its writer; the rerun deletes the directory at once, so the writer thread must have
+    stopped by then (it used to finish its queue and flush into the directory being deleted)."""
+    from qk_sniffer.writer import ChunkWriter
+
+    writer = ChunkWriter(tmp_path / "seg", "tiny", head_dim=8, n_layers=1, n_heads=1, buffer_bytes=0, max_queue=4)
+    for i in range(4):  # every batch would flush a file (buffer_bytes=0)
+        writer.put(_SlowBatch(i, delay=0.2))
+    writer.abort()
+    assert not writer._thread.is_alive()
+    left = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    assert left == []
+    time.sleep(0.5)  # nothing turns up later either
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == []
+    # the same batches through a writer that is closed give a file: the batches are real
+    other = ChunkWriter(tmp_path / "ok", "tiny", head_dim=8, n_layers=1, n_heads=1, buffer_bytes=0)
+    for i in range(2):
+        other.put(_SlowBatch(i, delay=0.0))
+    assert other.close() == {"l00h00q": 100}
+    t = pq.read_table(tmp_path / "ok" / "data" / "tiny" / "l00h00q" / "data.parquet")
+    assert t.num_rows == 100 and t.column("example_id").to_pylist() == [0] * 50 + [1] * 50
