@@ -162,7 +162,8 @@ class ChunkWriter:
             entry = self._buffers[name] = {"key": (layer, head, kind, window), "parts": []}
         entry["parts"].append(part)
         n = vectors.shape[0]
-        self._buffered += part[0].nbytes + n * 16
+        # what these parts hold (key arrays shared by a batch's heads are counted for each: the budget errs low)
+        self._buffered += sum(a.nbytes for a in part[:4]) + (0 if tok is None else tok.nbytes)
         self.rows[name] = self.rows.get(name, 0) + n
 
     def _table(self, key: tuple, parts: list[tuple]) -> pa.Table:
@@ -202,6 +203,8 @@ class ChunkWriter:
                                           use_dictionary=[n for n in self.schema.names if n != "vector"])
                 self._writers[name] = writer
                 self._tmp[name] = tmp
-            writer.write_table(self._table(entry["key"], entry["parts"]))
+            parts, entry["parts"] = entry["parts"], []  # freed as soon as written: memory falls during a flush
+            writer.write_table(self._table(entry["key"], parts))
+            del parts
         self._buffers = {}
         self._buffered = 0
