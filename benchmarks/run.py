@@ -494,47 +494,43 @@ def bench_merge(args, tmp: Path) -> list[dict]:
 
     reps = max(3, min(args.reps, 5))
     timed(ours), timed(raw)  # warm-up
-    t_ours, t_raw, t_rewrite, t_chunk, t_copy, t_durable, t_read, t_nosync = [], [], [], [], [], [], [], []
+    interleaved = {"ours": ours, "raw": raw, "rewrite": rewrite, "copy": copy_floor, "durable": durable_floor,
+                   "read": without_summaries, "nosync": not_durable}
+    times: dict[str, list[float]] = {name: [] for name in interleaved}
     for _ in range(reps):
-        t_ours.append(timed(ours))
-        t_raw.append(timed(raw))
-        t_rewrite.append(timed(rewrite))
-        t_copy.append(timed(copy_floor))
-        t_durable.append(timed(durable_floor))
-        t_read.append(timed(without_summaries))
-        t_nosync.append(timed(not_durable))
-    for _ in range(3):
-        t_chunk.append(timed(chunk_side))
-    t_naive = [timed(row_by_row) for _ in range(3)]
-    m_ours, m_raw, m_rewrite, m_chunk, m_copy, m_durable, m_read, m_nosync = (
-        statistics.median(t) for t in (t_ours, t_raw, t_rewrite, t_chunk, t_copy, t_durable, t_read, t_nosync))
-    naive_full = statistics.median(t_naive) / len(subset) * len(configs)
+        for name, fn in interleaved.items():
+            times[name].append(timed(fn))
+    times["chunk"] = [timed(chunk_side) for _ in range(3)]
+    times["naive"] = [timed(row_by_row) for _ in range(3)]
+    m = {name: statistics.median(t) for name, t in times.items()}
+    naive = m["naive"] / len(subset) * len(configs)  # row-by-row, scaled to every config
     case = f"{staged:,} staged rows, {len(configs)} configs, 8 chunks, D={head_dim}"
+
+    def row(case: str, a: str, b: str, ratio: float, goal: str) -> dict:
+        return dict(benchmark="merge", case=case, a=a, b=b, ratio=ratio, goal=goal)
+
+    vs_naive = f"row-by-row {naive:.1f} s"
     return [
-        dict(benchmark="merge", case=f"{case}; new examples (appended byte for byte)",
-             a=f"merge_staging {m_ours:.2f} s ({staged / m_ours:,.0f} rows/s)",
-             b=f"raw pyarrow read+write {m_raw:.2f} s", ratio=round(m_ours / m_raw, 3), goal="<= 2x raw"),
-        dict(benchmark="merge", case=f"same; row-by-row timed on {len(subset)} configs, scaled to {len(configs)}",
-             a=f"merge_staging {m_ours:.2f} s", b=f"row-by-row {naive_full:.1f} s",
-             ratio=round(naive_full / m_ours, 1), goal=">= 50x faster"),
-        dict(benchmark="merge", case="same; the floor: copying the staged bytes once into one file per config",
-             a=f"copy {m_copy:.2f} s", b=f"row-by-row {naive_full:.1f} s", ratio=round(naive_full / m_copy, 1),
-             goal="report (the most any merge can gain over row-by-row here)"),
-        dict(benchmark="merge", case="same; the durable floor: that copy, each file fsynced (as any safe merge must)",
-             a=f"copy + fsync {m_durable:.2f} s", b=f"merge_staging {m_ours:.2f} s",
-             ratio=round(m_ours / m_durable, 3), goal="report (merge / durable floor)"),
-        dict(benchmark="merge", case="same, with fsync disabled (not how it runs: what durability costs)",
-             a=f"merge_staging without fsync {m_nosync:.2f} s", b=f"row-by-row {naive_full:.1f} s",
-             ratio=round(naive_full / m_nosync, 1), goal="report"),
-        dict(benchmark="merge", case="same, manifests without the chunks' key and bucket records (keys read instead)",
-             a=f"merge_staging {m_read:.2f} s", b=f"row-by-row {naive_full:.1f} s",
-             ratio=round(naive_full / m_read, 1), goal="report"),
-        dict(benchmark="merge", case="same, rewrite path (keys that interleave or repeat: decode, dedup, sort, encode)",
-             a=f"merge_staging append=False {m_rewrite:.2f} s", b=f"raw pyarrow read+write {m_raw:.2f} s",
-             ratio=round(m_rewrite / m_raw, 3), goal="<= 2x raw"),
-        dict(benchmark="merge", case="same; what sniff-chunk pays for the append: sorting and writing its files",
-             a=f"sort + write of every staged file {m_chunk:.2f} s", b=f"merge_staging rewrite path {m_rewrite:.2f} s",
-             ratio=round(m_chunk / m_rewrite, 3), goal="report (spread over the chunk jobs)"),
+        row(f"{case}; new examples (appended byte for byte)",
+            f"merge_staging {m['ours']:.2f} s ({staged / m['ours']:,.0f} rows/s)",
+            f"raw pyarrow read+write {m['raw']:.2f} s", round(m["ours"] / m["raw"], 3), "<= 2x raw"),
+        row(f"same; row-by-row timed on {len(subset)} configs, scaled to {len(configs)}",
+            f"merge_staging {m['ours']:.2f} s", vs_naive, round(naive / m["ours"], 1), ">= 50x faster"),
+        row("same; the floor: copying the staged bytes once into one file per config", f"copy {m['copy']:.2f} s",
+            vs_naive, round(naive / m["copy"], 1), "report (the most any merge can gain over row-by-row here)"),
+        row("same; the durable floor: that copy, each file fsynced (as any safe merge must)",
+            f"copy + fsync {m['durable']:.2f} s", f"merge_staging {m['ours']:.2f} s",
+            round(m["ours"] / m["durable"], 3), "report (merge / durable floor)"),
+        row("same, with fsync disabled (not how it runs: what durability costs)",
+            f"merge_staging without fsync {m['nosync']:.2f} s", vs_naive, round(naive / m["nosync"], 1), "report"),
+        row("same, manifests without the chunks' key and bucket records (keys read instead)",
+            f"merge_staging {m['read']:.2f} s", vs_naive, round(naive / m["read"], 1), "report"),
+        row("same, rewrite path (keys that interleave or repeat: decode, dedup, sort, encode)",
+            f"merge_staging append=False {m['rewrite']:.2f} s", f"raw pyarrow read+write {m['raw']:.2f} s",
+            round(m["rewrite"] / m["raw"], 3), "<= 2x raw"),
+        row("same; what sniff-chunk pays for the append: sorting and writing its files",
+            f"sort + write of every staged file {m['chunk']:.2f} s", f"merge_staging rewrite path {m['rewrite']:.2f} s",
+            round(m["chunk"] / m["rewrite"], 3), "report (spread over the chunk jobs)"),
     ]
 
 
