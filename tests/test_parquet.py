@@ -141,3 +141,61 @@ def test_ordinals_past_an_i16_are_left_out_and_the_footer_stays_valid(tmp_path):
     out = tmp_path / "b.parquet"
     out.write_bytes(path.read_bytes()[:f.body_end] + footer + len(footer).to_bytes(4, "little") + b"PAR1")
     assert pq.read_table(out).equals(table)
+
+
+def _vector_encodings(path) -> set[str]:
+    md = pq.ParquetFile(path).metadata
+    col = md.schema.names.index("element")  # the vector's leaf: the only column named so
+    return {e for g in range(md.num_row_groups) for e in md.row_group(g).column(col).encodings}
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["float32", "float16"])
+def test_float32_vectors_are_byte_stream_split_and_read_back_bit_for_bit(tmp_path, half):
+    table = _table(np.random.default_rng(4), 0, 200, dim=64, half=half)
+    path = _write(table, tmp_path / "a.parquet", None)
+    encodings = _vector_encodings(path)
+    # float16 is a fixed-length byte array in Parquet: not every reader decodes it split, so it stays PLAIN
+    assert ("BYTE_STREAM_SPLIT" in encodings) != half and ("PLAIN" in encodings) == half
+    got = pq.read_table(path)
+    assert got.equals(table)
+    vec = table.column("vector").combine_chunks().values
+    assert np.array_equal(got.column("vector").combine_chunks().values.to_numpy().view(np.uint8),
+                          vec.to_numpy().view(np.uint8))
+    if not half:  # polars has no float16
+        assert pl.read_parquet(path).equals(pl.from_arrow(table))
+
+
+def test_split_vectors_of_a_bf16_model_take_less_room(tmp_path):
+    """A model run in bf16 gives float32 vectors whose low two bytes are zero: split into byte streams, zstd
+    drops them whole (PLAIN leaves them interleaved with the high bytes)."""
+    import torch
+
+    rng = np.random.default_rng(5)
+    table = _table(rng, 0, 400, dim=128, tokens=False)
+    vec = torch.from_numpy(rng.standard_normal(table.num_rows * 128, dtype=np.float32)).bfloat16().float().numpy()
+    table = table.set_column(table.schema.get_field_index("vector"), table.schema.field("vector"),
+                             pa.FixedSizeListArray.from_arrays(pa.array(vec), 128))
+    split = _write(table, tmp_path / "split.parquet", None)
+    names = table.schema.names
+    plain = _write(table, tmp_path / "plain.parquet", {  # the same settings, vectors PLAIN
+        "compression": "zstd", "use_content_defined_chunking": True, "write_page_checksum": True,
+        "use_dictionary": [n for n in names if n != "vector"], "write_statistics": [n for n in names if n != "vector"]})
+    assert _vector_encodings(plain) == {"PLAIN", "RLE"}
+    assert split.stat().st_size < 0.85 * plain.stat().st_size
+    assert pq.read_table(split).equals(pq.read_table(plain))
+
+
+def test_a_file_with_plain_vectors_and_one_with_split_vectors_concatenate(tmp_path):
+    """Final files published before vectors were split take appended split row groups: each column chunk
+    names its own encoding."""
+    rng = np.random.default_rng(6)
+    old, new = _table(rng, 0, 50), _table(rng, 50, 50)
+    names = old.schema.names
+    a = _write(old, tmp_path / "a.parquet", {"compression": "zstd", "use_dictionary": [n for n in names if n != "vector"]})
+    b = _write(new, tmp_path / "b.parquet", None)
+    assert read_footer(a).layout_key == read_footer(b).layout_key
+    out = tmp_path / "out.parquet"
+    concat_files([a, b], out)
+    assert pq.ParquetFile(out, page_checksum_verification=True).read().equals(pa.concat_tables([old, new]))
+    assert pl.read_parquet(out).equals(pl.from_arrow(pa.concat_tables([old, new])))
+    assert _vector_encodings(out) == _vector_encodings(a) | _vector_encodings(b)
