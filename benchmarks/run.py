@@ -357,9 +357,11 @@ def bench_checkpoint(args, tmp: Path) -> list[dict]:
 
 
 def synth_staging(root: Path, cfg: dict, *, n_chunks: int, n_layers: int, n_heads: int, rows_per_file: int,
-                  head_dim: int, seed: int = 0) -> int:
-    """Staged chunks shaped like sniff-chunk's output (random vectors); returns the staged row count."""
+                  head_dim: int, seed: int = 0, bf16: bool = False) -> int:
+    """Staged chunks shaped like sniff-chunk's output (random vectors; with ``bf16``, rounded to bf16 as a model
+    run in bf16 gives them, stored as float32); returns the staged row count."""
     import pyarrow as pa
+    import torch
 
     from qk_sniffer.config import chunk_fingerprint, sampling_settings, split_name
     from qk_sniffer.layout import atomic_write_json, config_name, data_file, manifest_path
@@ -383,6 +385,8 @@ def synth_staging(root: Path, cfg: dict, *, n_chunks: int, n_layers: int, n_head
                     ex, pos = key // 10000, key % 10000
                     n = len(key)
                     vec = rng.standard_normal((n, head_dim), dtype=np.float32).reshape(-1)
+                    if bf16:
+                        vec = torch.from_numpy(vec).bfloat16().float().numpy()
                     table = pa.Table.from_arrays([
                         pa.array(bucket_of(pos, "log_uniform", 128).astype(np.int32)), pa.array(ex),
                         pa.array(pos.astype(np.int32)), pa.FixedSizeListArray.from_arrays(pa.array(vec), head_dim),
@@ -417,7 +421,10 @@ def bench_merge(args, tmp: Path) -> list[dict]:
     src = tmp / "merge-src"
     cfg = _cfg(REPO / "models/tiny/llama", src)
     cfg["workflow"]["num_chunks"] = 8
-    staged = synth_staging(src, cfg, n_chunks=8, n_layers=8, n_heads=4, rows_per_file=2100, head_dim=head_dim)
+    shape = dict(n_chunks=8, n_layers=8, n_heads=4, rows_per_file=2100, head_dim=head_dim)
+    staged = synth_staging(src, cfg, **shape)
+    src_bf16 = tmp / "merge-src-bf16"
+    assert synth_staging(src_bf16, cfg, **shape, bf16=True) == staged
     configs = sorted({p.parent.name for p in src.glob("staging/chunk-*/data/*/*/data.parquet")})
     subset = configs[:4]
 
@@ -483,10 +490,10 @@ def bench_merge(args, tmp: Path) -> list[dict]:
             out.parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(pa.Table.from_pylist([seen[k] for k in sorted(seen)]), out, compression="zstd")
 
-    def timed(fn) -> float:
+    def timed(fn, source: Path = src) -> float:
         work = tmp / "merge-work"
         shutil.rmtree(work, ignore_errors=True)
-        shutil.copytree(src / "staging", work / "staging")  # not timed
+        shutil.copytree(source / "staging", work / "staging")  # not timed
         os.sync()  # the copy's dirty pages written out now, not during (and charged to) the timed call
         t = time.perf_counter()
         took = fn(work)
@@ -502,9 +509,19 @@ def bench_merge(args, tmp: Path) -> list[dict]:
             times[name].append(timed(fn))
     times["chunk"] = [timed(chunk_side) for _ in range(3)]
     times["naive"] = [timed(row_by_row) for _ in range(3)]
+    bf16_variants = {"ours": ours, "raw": raw, "durable": durable_floor}  # the same, on a bf16 model's vectors
+    bf16_times: dict[str, list[float]] = {name: [] for name in bf16_variants}
+    for _ in range(reps):
+        for name, fn in bf16_variants.items():
+            bf16_times[name].append(timed(fn, src_bf16))
+    bf16_times["naive"] = [timed(row_by_row, src_bf16) for _ in range(3)]
     m = {name: statistics.median(t) for name, t in times.items()}
+    m16 = {name: statistics.median(t) for name, t in bf16_times.items()}
     naive = m["naive"] / len(subset) * len(configs)  # row-by-row, scaled to every config
-    case = f"{staged:,} staged rows, {len(configs)} configs, 8 chunks, D={head_dim}"
+    naive16 = m16["naive"] / len(subset) * len(configs)
+    size, size16 = (sum(f.stat().st_size for f in d.glob("staging/chunk-*/data/*/*/data.parquet")) / 2**20
+                    for d in (src, src_bf16))
+    case = f"{staged:,} staged rows ({size:,.0f} MiB), {len(configs)} configs, 8 chunks, D={head_dim}"
 
     def row(case: str, a: str, b: str, ratio: float, goal: str) -> dict:
         return dict(benchmark="merge", case=case, a=a, b=b, ratio=ratio, goal=goal)
@@ -531,6 +548,14 @@ def bench_merge(args, tmp: Path) -> list[dict]:
         row("same; what sniff-chunk pays for the append: sorting and writing its files",
             f"sort + write of every staged file {m['chunk']:.2f} s", f"merge_staging rewrite path {m['rewrite']:.2f} s",
             round(m["chunk"] / m["rewrite"], 3), "report (spread over the chunk jobs)"),
+        row(f"same rows, vectors of a model run in bf16 (stored as float32: {size16:,.0f} MiB staged)",
+            f"merge_staging {m16['ours']:.2f} s", f"row-by-row {naive16:.1f} s", round(naive16 / m16["ours"], 1),
+            ">= 50x faster"),
+        row("same (bf16 vectors)", f"merge_staging {m16['ours']:.2f} s", f"raw pyarrow read+write {m16['raw']:.2f} s",
+            round(m16["ours"] / m16["raw"], 3), "<= 2x raw"),
+        row("same (bf16 vectors); the durable floor", f"copy + fsync {m16['durable']:.2f} s",
+            f"merge_staging {m16['ours']:.2f} s", round(m16["ours"] / m16["durable"], 3),
+            "report (merge / durable floor)"),
     ]
 
 
