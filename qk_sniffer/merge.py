@@ -343,7 +343,11 @@ def _append_plan(final_path: Path, staged_paths: list[Path], footers: dict[Path,
     spans = []
     counts: dict[int, int] = {}
     for f in staged:
-        span = _recorded_span(f, summaries.get(f.path)) or _read_span(f)
+        summary = summaries.get(f.path)
+        span = _recorded_span(f, summary)
+        if span is not None:  # the very file its chunk wrote: where its offsets lie was recorded too
+            f.offsets = summary.get("row_group_offsets")
+        span = span or _read_span(f)
         if span is None:
             return None
         first, last, file_counts = span

@@ -89,6 +89,7 @@ def summarize(table: pa.Table, path: Path) -> dict:
         "first_key": [int(c[0].as_py()) for c in key] if table.num_rows else None,
         "last_key": [int(c[-1].as_py()) for c in key] if table.num_rows else None,
         "buckets": {str(b): int(n) for b, n in enumerate(counts.tolist()) if n},
+        "row_group_offsets": offset_map(footer),
     }
 
 
@@ -157,6 +158,10 @@ def _write_list_head(size: int, etype: int, out: bytearray) -> None:
         _varint(size, out)
 
 
+_VARINTS = frozenset((I16, I32, I64))
+_EMPTY = frozenset((TRUE, FALSE))  # a bool field is all in its header
+
+
 def _skip(buf: bytes, pos: int, ttype: int, element: bool = False) -> int:
     """Where the value of type ``ttype`` at ``pos`` ends (a bool is a byte inside a container, nothing in a field)."""
     if ttype in (I16, I32, I64):
@@ -174,7 +179,13 @@ def _skip(buf: bytes, pos: int, ttype: int, element: bool = False) -> int:
                 return pos
             if not head >> 4:  # a field id of its own
                 _, pos = _uvarint(buf, pos)
-            pos = _skip(buf, pos, head & 0x0F)
+            ftype = head & 0x0F
+            if ftype in _VARINTS:  # most fields of a footer: skipped here rather than in a call
+                while buf[pos] >= 0x80:
+                    pos += 1
+                pos += 1
+            elif ftype not in _EMPTY:
+                pos = _skip(buf, pos, ftype)
     if ttype in (TRUE, FALSE):
         return pos + 1 if element else pos
     if ttype == I8:
@@ -183,6 +194,12 @@ def _skip(buf: bytes, pos: int, ttype: int, element: bool = False) -> int:
         return pos + 8
     if ttype in (LIST, SET):
         size, etype, pos = _list_head(buf, pos)
+        if etype in _VARINTS:  # encodings, and lists of counts: skipped here rather than in a call each
+            for _ in range(size):
+                while buf[pos] >= 0x80:
+                    pos += 1
+                pos += 1
+            return pos
         for _ in range(size):
             pos = _skip(buf, pos, etype, True)
         return pos
@@ -275,6 +292,10 @@ class Footer:
     raw: bytes                # the encoded FileMetaData (walked only when row groups are carried over)
     body_end: int             # where the footer starts: bytes [4, body_end) are the row groups (and page indexes)
     md: pq.FileMetaData       # the same footer as pyarrow parsed it
+    # where its row groups and their absolute offsets lie in ``raw`` (:func:`offset_map`), as the chunk that wrote
+    # the file recorded it: set by a merge only for a file that still matches that record; moving the row groups
+    # then patches those bytes instead of walking the footer
+    offsets: dict | None = None
 
     @property
     def num_rows(self) -> int:
@@ -369,14 +390,77 @@ def _shift(footer: Footer, delta: int) -> Callable:
     return edit
 
 
+def _row_group_edits(footer: Footer, offset: Callable, ordinal: Callable) -> dict:
+    """Edits of one row group: ``offset`` for each absolute file offset in it, ``ordinal`` for its ordinal."""
+    encrypted = _refuse(f"{footer.path} is encrypted")
+    column = {CC_FILE_OFFSET: offset, CC_OFFSET_INDEX: offset, CC_COLUMN_INDEX: offset, CC_CRYPTO: encrypted,
+              CC_ENCRYPTED_META: encrypted, CC_META: {k: offset for k in (CM_DATA_PAGE, CM_INDEX_PAGE, CM_DICT_PAGE,
+                                                                           CM_BLOOM)}}
+    return {RG_COLUMNS: column, RG_FILE_OFFSET: offset, RG_ORDINAL: ordinal}
+
+
+def offset_map(footer: Footer) -> dict | None:
+    """Where ``footer``'s row groups lie in its bytes and which of those bytes are absolute file offsets:
+    ``{"row_groups": [start, end, count], "offsets": [start, end, start, end, ...]}``, positions in
+    ``footer.raw``. With it, the row groups are moved by patching those few values (:func:`_patched_row_groups`)
+    instead of walking every field of every column chunk. None for row groups with ordinals (pyarrow writes
+    none) or encryption: those are moved by walking."""
+    spans: list[int] = []
+    found: list[int] = []
+
+    def record(buf, pos, ttype):
+        raw, end = _uvarint(buf, pos)
+        if (raw >> 1) ^ -(raw & 1) >= 4:  # the offsets _shift moves
+            spans.extend((pos, end))
+        return buf[pos:end], end
+
+    def row_groups(buf, pos, ttype):
+        size, _, start = _list_head(buf, pos)
+        end = start
+        edits = _row_group_edits(footer, record, _refuse("row group ordinals"))
+        for _ in range(size):
+            end = _copy_struct(buf, end, edits, bytearray())
+        found.extend((start, end, size))
+        return buf[pos:end], end
+
+    try:
+        _walk(footer, {FMD_ROW_GROUPS: row_groups})
+    except FooterError:
+        return None
+    return {"row_groups": found, "offsets": spans}
+
+
+def _patched_row_groups(footer: Footer, delta: int) -> tuple[bytes, int] | None:
+    """``footer``'s row groups with every absolute offset moved by ``delta``, patched where ``footer.offsets``
+    says, and their number; None when that map does not fit the footer (the caller walks it instead)."""
+    try:
+        (start, end, count), spans = footer.offsets["row_groups"], footer.offsets["offsets"]
+        raw, pos, out = footer.raw, start, bytearray()
+        if count != footer.md.num_row_groups or not 0 < start <= end <= len(raw) or len(spans) % 2:
+            return None
+        for s, e in zip(spans[::2], spans[1::2]):
+            value, stop = _uvarint(raw, s)
+            offset = (value >> 1) ^ -(value & 1)
+            if not (pos <= s and stop == e <= end and 4 <= offset < footer.body_end):
+                return None
+            out += raw[pos:s]
+            out += _zigzag(offset + delta)
+            pos = e
+        out += raw[pos:end]
+    except (KeyError, TypeError, ValueError, IndexError):  # FooterError is a ValueError
+        return None
+    return bytes(out), count
+
+
 def _moved_row_groups(footer: Footer, delta: int, first_ordinal: int, out: bytearray) -> int:
     """Append ``footer``'s row groups to ``out`` with every absolute offset moved by ``delta`` and ordinals
     from ``first_ordinal`` on; returns how many there were."""
-    encrypted = _refuse(f"{footer.path} is encrypted")
+    if footer.offsets is not None:
+        patched = _patched_row_groups(footer, delta)  # a footer with an offset map has no ordinals
+        if patched is not None:
+            out += patched[0]
+            return patched[1]
     shift = _shift(footer, delta)
-    column = {CC_FILE_OFFSET: shift, CC_OFFSET_INDEX: shift, CC_COLUMN_INDEX: shift, CC_CRYPTO: encrypted,
-              CC_ENCRYPTED_META: encrypted, CC_META: {k: shift for k in (CM_DATA_PAGE, CM_INDEX_PAGE, CM_DICT_PAGE,
-                                                                          CM_BLOOM)}}
     count = 0
 
     def row_groups(buf, pos, ttype):
@@ -385,8 +469,7 @@ def _moved_row_groups(footer: Footer, delta: int, first_ordinal: int, out: bytea
         for _ in range(size):
             ordinal = first_ordinal + count
             # an i16: past it, leave the ordinal out (it is optional)
-            edits = {RG_COLUMNS: column, RG_FILE_OFFSET: shift,
-                     RG_ORDINAL: _replace(_zigzag(ordinal) if ordinal <= 0x7FFF else None)}
+            edits = _row_group_edits(footer, shift, _replace(_zigzag(ordinal) if ordinal <= 0x7FFF else None))
             pos = _copy_struct(buf, pos, edits, out)
             count += 1
         return b"", pos

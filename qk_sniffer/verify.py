@@ -41,7 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .layout import CONFIG_RE, final_dir, staging_dir
-from .parquet import KEYS, matches_summary, read_footer
+from .parquet import KEYS, matches_summary, offset_map, read_footer
 from .sampling import KIND_CODE, MASK64, SHARED_HEAD, SamplerSpec, bucket_of, keep_probability, mix, mix_int, u_array
 from .writer import row_schema
 
@@ -748,6 +748,10 @@ class _Verifier:
                 if summary is not None and not matches_summary(footer, summary):
                     self.problem(p, f"is not the file its chunk wrote (its size or footer differ from the record in "
                                     f"{self.rel(mf)}; merge would read it instead of trusting the record); delete "
+                                    f"{self.rel(d)} and rerun that chunk")
+                elif isinstance(summary, dict) and summary.get("row_group_offsets") not in (None, offset_map(footer)):
+                    self.problem(p, f"{self.rel(mf)} records where its row groups' offsets lie wrongly (a merge "
+                                    "appending it would write wrong offsets); delete "
                                     f"{self.rel(d)} and rerun that chunk")
 
 

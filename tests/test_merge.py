@@ -159,13 +159,19 @@ def test_footer_that_cannot_be_carried_over_falls_back_to_rewrite(tmp_path, stag
 
 def test_appends_use_the_chunks_records_instead_of_reading_keys(tmp_path, staged, monkeypatch):
     from qk_sniffer import merge as merge_module
+    from qk_sniffer import parquet as parquet_module
 
-    read = []
-    real = merge_module._read_span
+    read, patched = [], []
+    real, real_patch = merge_module._read_span, parquet_module._patched_row_groups
     monkeypatch.setattr(merge_module, "_read_span", lambda footer: read.append(footer.path) or real(footer))
+    monkeypatch.setattr(parquet_module, "_patched_row_groups",
+                        lambda footer, delta: patched.append(footer.path) or real_patch(footer, delta))
     root = _root(tmp_path / "a", staged)
     assert merge_staging(_cfg(root))["methods"] == {"append": 24, "rewrite": 0}
     assert read == []  # every staged file matched its manifest's record: no key column was read
+    # chunk 1's files were moved behind chunk 0's by patching the offsets their chunk recorded (no footer walk)
+    assert sorted(patched) == sorted(paths[1] for paths in _staged_files(root).values())
+    patched.clear()
     for name, paths in _staged_files(root).items():
         assert pl.read_parquet(_final_files(root)[name]).equals(_expected(paths)), name
     # manifests of an older qk-sniffer (no records): the keys are read from every file, same result
@@ -175,7 +181,7 @@ def test_appends_use_the_chunks_records_instead_of_reading_keys(tmp_path, staged
         del man["summaries"]
         mf.write_text(json.dumps(man))
     result = merge_staging(_cfg(other))
-    assert result["methods"] == {"append": 24, "rewrite": 0} and len(read) == 48
+    assert result["methods"] == {"append": 24, "rewrite": 0} and len(read) == 48 and patched == []
     assert result["buckets"] == json.loads((root / "final" / ".merged.json").read_text())["buckets"]
     for name, path in _final_files(root).items():
         assert path.read_bytes() == _final_files(other)[name].read_bytes()

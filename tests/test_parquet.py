@@ -13,6 +13,7 @@ from qk_sniffer.parquet import (
     _moved_row_groups,
     concat_files,
     copy_struct,
+    offset_map,
     read_footer,
     write_parquet_atomic,
 )
@@ -199,3 +200,40 @@ def test_a_file_with_plain_vectors_and_one_with_split_vectors_concatenate(tmp_pa
     assert pq.ParquetFile(out, page_checksum_verification=True).read().equals(pa.concat_tables([old, new]))
     assert pl.read_parquet(out).equals(pl.from_arrow(pa.concat_tables([old, new])))
     assert _vector_encodings(out) == _vector_encodings(a) | _vector_encodings(b)
+
+
+@pytest.mark.parametrize("options", list(WRITE_OPTIONS.values()), ids=list(WRITE_OPTIONS))
+def test_row_groups_moved_by_their_offset_map_equal_the_walked_ones(tmp_path, options):
+    """Patching the offsets an offset map points at gives the very bytes walking the footer gives, for moves that
+    lengthen the offsets' varints too; a map that does not fit its footer is not used."""
+    path = _write(_table(np.random.default_rng(8), 0, 120), tmp_path / "a.parquet", options)
+    footer = read_footer(path)
+    walked = {}
+    for delta in (0, 1, 1000, 1 << 21, 1 << 40):
+        walked[delta] = bytearray()
+        assert _moved_row_groups(footer, delta, 5, walked[delta]) == footer.md.num_row_groups
+    m = offset_map(footer)
+    start, end, count = m["row_groups"]
+    assert count == footer.md.num_row_groups and footer.raw[start:end] == bytes(walked[0])
+    per_group = 1 + footer.md.num_columns * (2 if options and options.get("write_page_index") else 1)
+    assert len(m["offsets"]) >= 2 * count * per_group  # row group and column chunk offsets, page indexes
+    footer.offsets = m
+    for delta, want in walked.items():
+        got = bytearray()
+        assert _moved_row_groups(footer, delta, 5, got) == count and got == want
+    for bad in ({**m, "offsets": [s + 1 for s in m["offsets"]]}, {**m, "row_groups": [start, end, count + 1]},
+                {**m, "offsets": m["offsets"][:-1]}, {"offsets": m["offsets"]}, None):
+        footer.offsets = bad
+        got = bytearray()
+        assert _moved_row_groups(footer, 1 << 21, 5, got) == count and got == walked[1 << 21]
+    out = tmp_path / "out.parquet"
+    footer.offsets = m
+    concat_files([path, path], out, [read_footer(path), footer])
+    assert pq.ParquetFile(out, page_checksum_verification=True).read().equals(pa.concat_tables([pq.read_table(path)] * 2))
+
+
+def test_no_offset_map_for_row_groups_with_ordinals(tmp_path):
+    path = tmp_path / "a.parquet"
+    pl.from_arrow(_table(np.random.default_rng(9), 0, 50)).write_parquet(path, row_group_size=700)  # ordinals
+    assert offset_map(read_footer(path)) is None
+    assert offset_map(read_footer(_write(_table(np.random.default_rng(9), 0, 50), tmp_path / "b.parquet", None)))
