@@ -49,7 +49,7 @@ from .layout import (
     remove_stale_temps,
     staging_dir,
 )
-from .parquet import KEYS, Footer, FooterError, concat_files, matches_summary, read_footer, write_parquet_atomic
+from .parquet import KEYS, Footer, FooterError, concat_files, read_footer, write_parquet_atomic
 
 log = logging.getLogger("qk_sniffer")
 
@@ -289,10 +289,11 @@ def _same_bytes(a: Path, at_a: int, b: Path, at_b: int, length: int, block: int 
     return True
 
 
-def _recorded_span(footer: Footer, summary) -> tuple[tuple[int, int], tuple[int, int], dict[int, int]] | None:
+def _recorded_span(footer: Footer) -> tuple[tuple[int, int], tuple[int, int], dict[int, int]] | None:
     """First key, last key and bucket counts of a staged file as its chunk recorded them, when the file is
-    still the one the chunk wrote (same size and footer) and the record adds up."""
-    if not matches_summary(footer, summary):
+    still the one the chunk wrote (its record was adopted: same size and footer) and the record adds up."""
+    summary = footer.record
+    if summary is None:
         return None
     try:
         first, last = tuple(int(k) for k in summary["first_key"]), tuple(int(k) for k in summary["last_key"])
@@ -319,20 +320,21 @@ def _read_span(footer: Footer) -> tuple[tuple[int, int], tuple[int, int], dict[i
     return (int(ex[0]), int(pos[0])), (int(ex[-1]), int(pos[-1])), counts
 
 
-def _append_plan(final_path: Path, staged_paths: list[Path], footers: dict[Path, Footer],
-                 summaries: dict[Path, dict]) -> tuple[list[Footer], dict[int, int], int] | None:
+def _append_plan(final_path: Path, staged_paths: list[Path],
+                 footers: dict[Path, Footer]) -> tuple[list[Footer], dict[int, int], int] | None:
     """How to add ``staged_paths`` to ``final_path`` without decoding vectors, or None when the config needs a
     rewrite. Returns the footers to concatenate in order (the final file's first; none when every staged
     file is already in the final file byte for byte), the bucket counts of the added rows and their number.
 
-    A staged file's keys and bucket counts come from its chunk's manifest (``summaries``) when the file is
-    still the one the chunk wrote (its rows were sorted by the chunk itself); otherwise they are read from it."""
+    A staged file's keys and bucket counts come from its chunk's record (adopted by ``merge_staging``'s check)
+    when the file is still the one the chunk wrote (its rows were sorted by the chunk itself); otherwise they
+    are read from it."""
     try:
         staged = [f for f in (footers.get(p) or read_footer(p) for p in staged_paths) if f.num_rows > 0]
         final = (footers.get(final_path) or read_footer(final_path)) if final_path.is_file() else None
         if final is not None and final.num_rows == 0:
             final = None
-        if staged and any(f.layout_key != (final or staged[0]).layout_key for f in staged):
+        if staged and not all(f.same_layout(final or staged[0]) for f in staged):
             return None
         if final is not None:
             staged = [f for f in staged if not _already_in(f, final)]
@@ -343,11 +345,7 @@ def _append_plan(final_path: Path, staged_paths: list[Path], footers: dict[Path,
     spans = []
     counts: dict[int, int] = {}
     for f in staged:
-        summary = summaries.get(f.path)
-        span = _recorded_span(f, summary)
-        if span is not None:  # the very file its chunk wrote: where its offsets lie was recorded too
-            f.offsets = summary.get("row_group_offsets")
-        span = span or _read_span(f)
+        span = _recorded_span(f) or _read_span(f)
         if span is None:
             return None
         first, last, file_counts = span
@@ -460,8 +458,11 @@ def merge_staging(cfg: dict, root: Path | None = None, *, append: bool = True) -
                 raise _corrupt(fpath, exc) from exc
         for p in staged[cfg_name]:
             try:
-                f = found[p] = read_footer(p)
-                if ref is not None and f.layout_key == ref.layout_key:
+                # a file its chunk's record still describes needs no parsing: that record has its rows and layout
+                f = found[p] = read_footer(p, parse=False)
+                if not f.adopt(summaries.get(p)):
+                    f.md  # noqa: B018 - parsed now, so a damaged footer is reported here
+                if ref is not None and f.same_layout(ref):
                     continue  # the same Parquet schema and metadata: the same Arrow schema
                 s = f.md.schema.to_arrow_schema()
             except Exception as exc:  # noqa: BLE001
@@ -491,7 +492,7 @@ def merge_staging(cfg: dict, root: Path | None = None, *, append: bool = True) -
     # (polars and pyarrow decode and encode without the GIL) at most MERGE_WORKERS at a time, for memory
     def append_one(cfg_name: str):
         fpath = data_file(final, split, cfg_name)
-        plan = _append_plan(fpath, staged[cfg_name], footers, summaries) if append else None
+        plan = _append_plan(fpath, staged[cfg_name], footers) if append else None
         if plan is None:
             return None
         order, counts, added = plan

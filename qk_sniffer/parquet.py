@@ -90,13 +90,15 @@ def summarize(table: pa.Table, path: Path) -> dict:
         "last_key": [int(c[-1].as_py()) for c in key] if table.num_rows else None,
         "buckets": {str(b): int(n) for b, n in enumerate(counts.tolist()) if n},
         "row_group_offsets": offset_map(footer),
+        "layout": footer.layout,
     }
 
 
 def matches_summary(footer: Footer, summary) -> bool:
-    """Whether ``footer``'s file is the very file ``summary`` (from :func:`summarize`) was made of."""
+    """Whether ``footer``'s file is the very file ``summary`` (from :func:`summarize`) was made of: the same size
+    and footer bytes. (That the record's contents are right for those bytes is what ``verify`` checks.)"""
     return (isinstance(summary, dict) and summary.get("bytes") == footer.size
-            and summary.get("footer_sha256") == footer.digest and summary.get("rows") == footer.num_rows)
+            and summary.get("footer_sha256") == footer.digest)
 
 
 # -- Thrift compact protocol (just enough to carry a footer over) --------------------------------
@@ -291,15 +293,27 @@ class Footer:
     path: Path
     raw: bytes                # the encoded FileMetaData (walked only when row groups are carried over)
     body_end: int             # where the footer starts: bytes [4, body_end) are the row groups (and page indexes)
-    md: pq.FileMetaData       # the same footer as pyarrow parsed it
-    # where its row groups and their absolute offsets lie in ``raw`` (:func:`offset_map`), as the chunk that wrote
-    # the file recorded it: set by a merge only for a file that still matches that record; moving the row groups
-    # then patches those bytes instead of walking the footer
-    offsets: dict | None = None
+    # the chunk's record of this very file (:func:`summarize`), once :meth:`adopt` found the file unchanged: its
+    # row count, layout and offset map are then taken from it, and the footer need not be parsed at all
+    record: dict | None = None
+
+    @cached_property
+    def md(self) -> pq.FileMetaData:
+        """The footer as pyarrow parses it (from ``raw``: the file is not read again)."""
+        try:
+            return pq.ParquetFile(pa.BufferReader(MAGIC + self.raw + struct.pack("<I", len(self.raw)) + MAGIC)).metadata
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds for a damaged footer
+            raise FooterError(f"{self.path}: unreadable footer ({exc})") from exc
 
     @property
     def num_rows(self) -> int:
-        return self.md.num_rows
+        return self.record["rows"] if self.record is not None else self.md.num_rows
+
+    @property
+    def offsets(self) -> dict | None:
+        """Where its row groups and their absolute offsets lie in ``raw`` (:func:`offset_map`), as recorded:
+        moving the row groups then patches those bytes instead of walking the footer."""
+        return self.record.get("row_group_offsets") if self.record is not None else None
 
     @property
     def size(self) -> int:
@@ -318,8 +332,30 @@ class Footer:
                         for c in (schema.column(i) for i in range(len(schema))))
         return columns, tuple(sorted((self.md.metadata or {}).items()))
 
+    @cached_property
+    def layout(self) -> str:
+        """A digest of :attr:`layout_key` (the record's, for an adopted file: same bytes, same layout). Two files
+        with equal digests share their layout; unequal digests are compared by :attr:`layout_key` (a digest
+        written by another pyarrow version may differ for the same layout)."""
+        if self.record is not None and isinstance(self.record.get("layout"), str):
+            return self.record["layout"]
+        return hashlib.sha256(repr(self.layout_key).encode()).hexdigest()
 
-def read_footer(path: Path) -> Footer:
+    def same_layout(self, other: Footer) -> bool:
+        return self.layout == other.layout or self.layout_key == other.layout_key
+
+    def adopt(self, summary) -> bool:
+        """Take ``summary`` (the record :func:`summarize` made when the file was written) as this file's, if the
+        file is still that very file: the same size and footer bytes (SHA-256). Returns whether it did."""
+        if not matches_summary(self, summary) or not isinstance(summary.get("rows"), int):
+            return False
+        self.record = summary
+        return True
+
+
+def read_footer(path: Path, parse: bool = True) -> Footer:
+    """``path``'s footer; a footer pyarrow cannot parse raises :class:`FooterError` here, or with ``parse=False``
+    wherever it is first needed (a file whose record is adopted needs none)."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as fh:
@@ -336,11 +372,10 @@ def read_footer(path: Path) -> Footer:
             raise FooterError(f"{path}: footer length {length} does not fit the file")
         fh.seek(body_end)
         raw = fh.read(length)
-    try:
-        md = pq.ParquetFile(path).metadata  # parsed in C++: schema, row groups and row count
-    except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds for a damaged footer
-        raise FooterError(f"{path}: unreadable footer ({exc})") from exc
-    return Footer(path, raw, body_end, md)
+    footer = Footer(path, raw, body_end)
+    if parse:
+        footer.md  # noqa: B018 - parsed now, so a damaged footer is reported here
+    return footer
 
 
 def _copy(src: Path, start: int, stop: int, dst) -> None:
@@ -436,7 +471,9 @@ def _patched_row_groups(footer: Footer, delta: int) -> tuple[bytes, int] | None:
     try:
         (start, end, count), spans = footer.offsets["row_groups"], footer.offsets["offsets"]
         raw, pos, out = footer.raw, start, bytearray()
-        if count != footer.md.num_row_groups or not 0 < start <= end <= len(raw) or len(spans) % 2:
+        if not 0 < start <= end <= len(raw) or len(spans) % 2:
+            return None
+        if "md" in footer.__dict__ and count != footer.md.num_row_groups:  # checked where the footer was parsed
             return None
         for s, e in zip(spans[::2], spans[1::2]):
             value, stop = _uvarint(raw, s)
@@ -492,7 +529,7 @@ def _walk(footer: Footer, edits: dict) -> bytes:
 def concat_files(sources: list[Path], dest: Path, footers: list[Footer] | None = None) -> int:
     """Write ``dest`` (atomically) holding every row group of ``sources`` in order, copied byte for byte.
 
-    All sources must have the same ``Footer.layout_key`` (the caller checks; a mismatch raises
+    All sources must have the same layout (``Footer.same_layout``; the caller checks, a mismatch raises
     :class:`FooterError`). The new footer is the first source's with the row groups of all of them
     (the first source's as they were, the others' with their offsets and ordinals moved). ``dest``
     may be one of the sources. Returns the row count.
@@ -501,9 +538,8 @@ def concat_files(sources: list[Path], dest: Path, footers: list[Footer] | None =
     if not footers:
         raise ValueError("nothing to concatenate")
     first = footers[0]
-    key = first.layout_key
     for f in footers[1:]:
-        if f.layout_key != key:
+        if not f.same_layout(first):
             raise FooterError(f"{f.path} and {first.path} differ in schema or metadata")
     groups, count, pos = bytearray(), first.md.num_row_groups, first.body_end
     for f in footers[1:]:

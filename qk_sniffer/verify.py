@@ -749,10 +749,15 @@ class _Verifier:
                     self.problem(p, f"is not the file its chunk wrote (its size or footer differ from the record in "
                                     f"{self.rel(mf)}; merge would read it instead of trusting the record); delete "
                                     f"{self.rel(d)} and rerun that chunk")
-                elif isinstance(summary, dict) and summary.get("row_group_offsets") not in (None, offset_map(footer)):
-                    self.problem(p, f"{self.rel(mf)} records where its row groups' offsets lie wrongly (a merge "
-                                    "appending it would write wrong offsets); delete "
-                                    f"{self.rel(d)} and rerun that chunk")
+                elif isinstance(summary, dict):  # the record a merge trusts instead of reading the file
+                    wrong = [what for what, right in (
+                        ("row count", summary.get("rows") == got),
+                        ("row groups' offsets", summary.get("row_group_offsets") in (None, offset_map(footer))),
+                    ) if not right]
+                    if wrong:
+                        self.problem(p, f"{self.rel(mf)} records its {' and '.join(wrong)} wrongly (a merge trusting "
+                                        f"that record would write a wrong file); delete {self.rel(d)} and rerun "
+                                        "that chunk")
 
 
 def _sig(sig: tuple[int, str, bool]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -161,16 +162,21 @@ def test_appends_use_the_chunks_records_instead_of_reading_keys(tmp_path, staged
     from qk_sniffer import merge as merge_module
     from qk_sniffer import parquet as parquet_module
 
-    read, patched = [], []
-    real, real_patch = merge_module._read_span, parquet_module._patched_row_groups
+    read, patched, parsed = [], [], []
+    real, real_patch, real_md = merge_module._read_span, parquet_module._patched_row_groups, parquet_module.Footer.md
     monkeypatch.setattr(merge_module, "_read_span", lambda footer: read.append(footer.path) or real(footer))
     monkeypatch.setattr(parquet_module, "_patched_row_groups",
                         lambda footer, delta: patched.append(footer.path) or real_patch(footer, delta))
+    counting_md = functools.cached_property(lambda footer: parsed.append(footer.path) or real_md.func(footer))
+    counting_md.__set_name__(parquet_module.Footer, "md")
+    monkeypatch.setattr(parquet_module.Footer, "md", counting_md)
     root = _root(tmp_path / "a", staged)
     assert merge_staging(_cfg(root))["methods"] == {"append": 24, "rewrite": 0}
     assert read == []  # every staged file matched its manifest's record: no key column was read
-    # chunk 1's files were moved behind chunk 0's by patching the offsets their chunk recorded (no footer walk)
+    # chunk 1's files were moved behind chunk 0's by patching the offsets their chunk recorded (no footer walk),
+    # and their footers were not even parsed: only each config's first file, for its schema
     assert sorted(patched) == sorted(paths[1] for paths in _staged_files(root).values())
+    assert sorted(parsed) == sorted(paths[0] for paths in _staged_files(root).values())
     patched.clear()
     for name, paths in _staged_files(root).items():
         assert pl.read_parquet(_final_files(root)[name]).equals(_expected(paths)), name

@@ -252,7 +252,17 @@ def _staged_offset_map_wrong(root):
     name = sorted(man["files"])[-1]
     man["summaries"][name]["row_group_offsets"]["offsets"][0] += 1
     mf.write_text(json.dumps(man))
-    return mf.parent / man["files"][name], "records where its row groups' offsets lie wrongly"
+    return mf.parent / man["files"][name], "records its row groups' offsets wrongly"
+
+
+def _staged_record_row_count_wrong(root):
+    """The record's row count alone is wrong (the manifest's rows and the file agree): a merge would trust it."""
+    mf = root / "staging" / "chunk-0" / "manifest.json"
+    man = json.loads(mf.read_text())
+    name = sorted(man["files"])[0]
+    man["summaries"][name]["rows"] += 1
+    mf.write_text(json.dumps(man))
+    return mf.parent / man["files"][name], "records its row count wrongly"
 
 
 def _truncated_parquet(root):
@@ -293,7 +303,8 @@ def _readme_without_a_split(root):
 DAMAGE = [_dropped_column, _wrong_vector_length, _duplicate_keys, _unsorted_keys, _layer_disagrees_with_path,
           _bucket_edited, _unselected_row_added, _unselected_row_per_head_split, _readme_missing_config,
           _readme_config_without_file, _readme_aggregate_glob_too_wide, _readme_aggregate_misses_split,
-          _staged_row_count_differs, _staged_file_replaced, _staged_offset_map_wrong, _truncated_parquet, _damaged_page,
+          _staged_row_count_differs, _staged_file_replaced, _staged_offset_map_wrong,
+          _staged_record_row_count_wrong, _truncated_parquet, _damaged_page,
           _stray_tmp_file, _invalid_split_name, _readme_without_a_split]
 
 
