@@ -275,6 +275,20 @@ def test_two_models_share_one_data_root(tiny_models, tmp_path):
     assert load(final, "layer01", "b", cache).num_rows > 0
 
 
+@pytest.mark.parametrize("remote", [False, True], ids=["no remote", "remote_dir"])
+def test_report_waits_for_the_push_only_where_the_push_can_change_final(tmp_path, remote):
+    """With a remote, a push that finds it moved merges again, so the report comes after the push; with none,
+    nothing after the card changes final/ and the report runs beside verify and push."""
+    sections = {"output": {"remote_dir": str(tmp_path / "remote")}} if remote else {}
+    work = make_workdir(tmp_path / "work", **sections)
+    dot = snakemake(work, "--dag").stdout
+    node = {label: n for n, label in re.findall(r'^\s*(\d+)\[label = "(\w+)', dot, re.M)}
+    edges = set(re.findall(r"^\s*(\d+) -> (\d+)$", dot, re.M))
+    assert (node["render_readme"], node["render_report"]) in edges
+    assert (node["render_readme"], node["verify_dataset"]) in edges
+    assert ((node["push_hub"], node["render_report"]) in edges) == remote, dot
+
+
 def test_lint_reports_nothing():
     res = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, capture_output=True, text=True,
                          timeout=300, check=False)

@@ -31,6 +31,10 @@ CHUNK_MANIFESTS = [root_path(f"staging/chunk-{i}/manifest.json") for i in range(
 CHUNK_FINGERPRINT = chunk_fingerprint(config)
 GPUS_PER_CHUNK = 0 if config["inference"]["device"] == "cpu" else config["workflow"]["gpus_per_chunk"]
 REMOTE = {k: config["output"][k] for k in ("hf_repo_id", "hf_branch", "remote_dir")}
+# What the report waits for besides the card: the push, where the push can change final/ (a remote that
+# moved makes it pull, merge and render again, and the report must show that). With no remote the push only
+# writes push.json, so the report runs beside verify and push.
+REPORT_AFTER_PUSH = [root_path("push.json")] if REMOTE["hf_repo_id"] or REMOTE["remote_dir"] else []
 
 # The conda environment of every rule, used with --use-conda (relative to this directory).
 CONDA_ENV = "../../environment.yml"

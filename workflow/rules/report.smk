@@ -1,7 +1,8 @@
 # render_report: the figures and tables that `snakemake --report report.html` collects, drawn from
 # the final dataset (every split under final/data/) and this run's staged chunk manifests.
 # Captions: workflow/report/*.rst. It reads the card's per-split metadata, so it runs after
-# render_readme, and it is part of `rule all`: `snakemake --report` only collects files of jobs in
+# render_readme (and after push_hub where there is a remote: REPORT_AFTER_PUSH in common.smk), and
+# it is part of `rule all`: `snakemake --report` only collects files of jobs in
 # the workflow's graph. It streams one config file at a time (a few seconds on the demo) and
 # writes only under <data_root>/report/, never into final/ (so nothing it draws gets pushed).
 # One figure per split: the figure folders are directory outputs whose files are picked up by
@@ -12,8 +13,9 @@ rule render_report:
     input:
         readme=root_path("final/README.md"),
         manifests=CHUNK_MANIFESTS,
-        # after the push: a push that finds the remote moved pulls, merges and renders final/ again
-        pushed=root_path("push.json"),
+        # after the push when there is a remote: a push that finds it moved pulls, merges and renders final/
+        # again (with no remote, nothing after the card changes final/: the report runs beside verify and push)
+        pushed=REPORT_AFTER_PUSH,
     output:
         rows=report(
             directory(root_path("report/rows_per_bucket")),
