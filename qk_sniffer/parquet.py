@@ -12,7 +12,9 @@ parquet-format's ``FileMetaData``) is walked and written back here by a small ha
 only absolute file offsets, row counts and row group ordinals are rewritten, every other byte is
 carried over as it was read, and the first file's row groups are not rewritten at all (the cost
 of an append does not grow with the row groups already in the final file, beyond one skim of its
-footer). Encrypted files are refused.
+footer). Encrypted files are refused. Where a file's offsets lie in its footer can be recorded
+when it is written (:func:`offset_map`, kept in its chunk's manifest); moving its row groups then
+patches those few values instead of walking the footer.
 """
 
 from __future__ import annotations
