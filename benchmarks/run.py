@@ -586,10 +586,10 @@ def bench_resume(args, tmp: Path) -> list[dict]:
     1/3 exactly when that fixed part is at most 3/4 of one chunk's forward time (the chunk jobs'
     start-up cancels out). The same run with chunks twice as long shows how the ratio moves with it.
     """
-    return [_resume_case(tmp, per_chunk) for per_chunk in (2000, 4000)]
+    return [row for per_chunk in (2000, 4000) for row in _resume_case(tmp, per_chunk)]
 
 
-def _resume_case(tmp: Path, per_chunk: int) -> dict:
+def _resume_case(tmp: Path, per_chunk: int) -> list[dict]:
     import signal
 
     import yaml
@@ -621,8 +621,9 @@ def _resume_case(tmp: Path, per_chunk: int) -> dict:
     t = time.perf_counter()
     _snakemake(full_w, path)
     full = time.perf_counter() - t
-    forward = statistics.median(json.loads(m.read_text())["timings"]["forward_s"]
-                                for m in (full_w / "data/staging").glob("chunk-*/manifest.json"))
+    full_timings = [json.loads(m.read_text())["timings"] for m in (full_w / "data/staging").glob("chunk-*/manifest.json")]
+    forward = statistics.median(t["forward_s"] for t in full_timings)
+    full_jobs = sum(t["total_s"] for t in full_timings)
 
     kill_w = tmp / f"resume-kill-{per_chunk}"
     path = config(kill_w)
@@ -647,17 +648,25 @@ def _resume_case(tmp: Path, per_chunk: int) -> dict:
     _snakemake(kill_w, path, "--rerun-incomplete")
     rerun = time.perf_counter() - t
     redone = []  # what the rerun's chunk jobs did, so that an odd figure can be traced
+    rerun_jobs = 0.0
     for m in sorted(staging.glob("chunk-*/manifest.json")):
         if m.parent.name not in before:
             man = json.loads(m.read_text())
             how = f"resumed after {man['resumed']['examples']}" if man.get("resumed") else "whole"
             redone.append(f"{m.parent.name} {how} {man['timings']['total_s']:.0f} s")
-    return dict(benchmark="resume",
-                case=f"6 chunks x {per_chunk} examples (median forward {forward:.1f} s each), killed after "
-                     f"{done_before} chunks + {salvaged} examples of the 5th (checkpointed); the rerun ran "
-                     f"{', '.join(redone)}",
-                a=f"rerun {rerun:.1f} s", b=f"full run {full:.1f} s", ratio=round(rerun / full, 3),
-                goal=GOALS["resume"])
+            rerun_jobs += man["timings"]["total_s"]
+    case = f"6 chunks x {per_chunk} examples (median forward {forward:.1f} s each)"
+    return [
+        dict(benchmark="resume",
+             case=f"{case}, killed after {done_before} chunks + {salvaged} examples of the 5th (checkpointed); "
+                  f"the rerun ran {', '.join(redone)}",
+             a=f"rerun {rerun:.1f} s", b=f"full run {full:.1f} s", ratio=round(rerun / full, 3), goal=GOALS["resume"]),
+        # what resuming itself controls: the chunk jobs' own time (start-up, forward, assembling the files), without
+        # Snakemake and the stages after the chunks, which both runs pay in full
+        dict(benchmark="resume", case=f"{case}; the chunk jobs alone (their recorded total time)",
+             a=f"rerun's chunk jobs {rerun_jobs:.1f} s", b=f"full run's chunk jobs {full_jobs:.1f} s",
+             ratio=round(rerun_jobs / full_jobs, 3), goal="report"),
+    ]
 
 
 BENCHES = {

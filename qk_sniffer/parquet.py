@@ -445,7 +445,7 @@ def offset_map(footer: Footer) -> dict | None:
     spans: list[int] = []
     found: list[int] = []
 
-    def record(buf, pos, ttype):
+    def note(buf, pos, ttype):
         raw, end = _uvarint(buf, pos)
         if (raw >> 1) ^ -(raw & 1) >= 4:  # the offsets _shift moves
             spans.extend((pos, end))
@@ -454,7 +454,7 @@ def offset_map(footer: Footer) -> dict | None:
     def row_groups(buf, pos, ttype):
         size, _, start = _list_head(buf, pos)
         end = start
-        edits = _row_group_edits(footer, record, _refuse("row group ordinals"))
+        edits = _row_group_edits(footer, note, _refuse("row group ordinals"))
         for _ in range(size):
             end = _copy_struct(buf, end, edits, bytearray())
         found.extend((start, end, size))
