@@ -499,24 +499,22 @@ def bench_merge(args, tmp: Path) -> list[dict]:
         took = fn(work)
         return took if took is not None else time.perf_counter() - t
 
+    def medians(source: Path, interleaved: dict, apart: dict) -> dict[str, float]:
+        """Median times of ``interleaved`` (run in turn, ``reps`` rounds) and of ``apart`` (3 runs each, slow)."""
+        times: dict[str, list[float]] = {name: [] for name in interleaved}
+        for _ in range(reps):
+            for name, fn in interleaved.items():
+                times[name].append(timed(fn, source))
+        times.update({name: [timed(fn, source) for _ in range(3)] for name, fn in apart.items()})
+        return {name: statistics.median(t) for name, t in times.items()}
+
     reps = max(3, min(args.reps, 5))
     timed(ours), timed(raw)  # warm-up
-    interleaved = {"ours": ours, "raw": raw, "rewrite": rewrite, "copy": copy_floor, "durable": durable_floor,
-                   "read": without_summaries, "nosync": not_durable}
-    times: dict[str, list[float]] = {name: [] for name in interleaved}
-    for _ in range(reps):
-        for name, fn in interleaved.items():
-            times[name].append(timed(fn))
-    times["chunk"] = [timed(chunk_side) for _ in range(3)]
-    times["naive"] = [timed(row_by_row) for _ in range(3)]
-    bf16_variants = {"ours": ours, "raw": raw, "durable": durable_floor}  # the same, on a bf16 model's vectors
-    bf16_times: dict[str, list[float]] = {name: [] for name in bf16_variants}
-    for _ in range(reps):
-        for name, fn in bf16_variants.items():
-            bf16_times[name].append(timed(fn, src_bf16))
-    bf16_times["naive"] = [timed(row_by_row, src_bf16) for _ in range(3)]
-    m = {name: statistics.median(t) for name, t in times.items()}
-    m16 = {name: statistics.median(t) for name, t in bf16_times.items()}
+    m = medians(src, {"ours": ours, "raw": raw, "rewrite": rewrite, "copy": copy_floor, "durable": durable_floor,
+                      "read": without_summaries, "nosync": not_durable},
+                {"chunk": chunk_side, "naive": row_by_row})
+    # the same, on a bf16 model's vectors
+    m16 = medians(src_bf16, {"ours": ours, "raw": raw, "durable": durable_floor}, {"naive": row_by_row})
     naive = m["naive"] / len(subset) * len(configs)  # row-by-row, scaled to every config
     naive16 = m16["naive"] / len(subset) * len(configs)
     size, size16 = (sum(f.stat().st_size for f in d.glob("staging/chunk-*/data/*/*/data.parquet")) / 2**20
@@ -540,7 +538,7 @@ def bench_merge(args, tmp: Path) -> list[dict]:
             round(m["ours"] / m["durable"], 3), "report (merge / durable floor)"),
         row("same, with fsync disabled (not how it runs: what durability costs)",
             f"merge_staging without fsync {m['nosync']:.2f} s", vs_naive, round(naive / m["nosync"], 1), "report"),
-        row("same, manifests without the chunks' key and bucket records (keys read instead)",
+        row("same, manifests without the chunks' records (keys read, footers parsed and walked instead)",
             f"merge_staging {m['read']:.2f} s", vs_naive, round(naive / m["read"], 1), "report"),
         row("same, rewrite path (keys that interleave or repeat: decode, dedup, sort, encode)",
             f"merge_staging append=False {m['rewrite']:.2f} s", f"raw pyarrow read+write {m['raw']:.2f} s",
