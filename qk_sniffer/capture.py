@@ -1,13 +1,12 @@
 """Capture of query/key vectors inside attention layers.
 
-Two paths feed one :class:`Sniffer`:
-
-* the generic path: a capture attention function registered with transformers'
-  ``AttentionInterface`` sees post-RoPE queries and keys of every layer, hands them to the
-  active sniffer and then calls the real implementation (sdpa, eager, flash, ...). Its mask
-  function is registered under the same name, or transformers would pass no mask at all;
-* pre-RoPE capture: forward hooks on the q/k projections (or on q_norm/k_norm where the model
-  has them), reshaped per head.
+A capture attention function registered with transformers' ``AttentionInterface`` sees the
+queries and keys every layer hands to attention (post-RoPE, and after anything the model does
+after the rotation), gives them to the active sniffer and then calls the real implementation
+(sdpa, eager, flash, ...). Its mask function is registered under the same name, or transformers
+would pass no mask at all. Pre-RoPE capture takes the inputs of the model's own rotary function
+instead (:mod:`qk_sniffer.rope`); which layers exist, their head counts and sizes, and where the
+rotation's inputs sit come from a probe forward (:mod:`qk_sniffer.probe`).
 
 Hand-instrumented modeling files (``models/<name>/modeling_<name>.py``) call
 ``get_active_sniffer().capture(layer_idx, query_states, key_states, positions, sliding_window)``.
@@ -26,6 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .errors import UnsupportedModelError
+from .rope import RotaryTap, check_recipe, gather_pre_rope
 from .sampling import KIND_CODE, SHARED_HEAD, BatchTokens, SamplerSpec
 
 CAPTURE_PREFIX = "qk_sniffer_"
@@ -37,8 +38,7 @@ class StopForward(Exception):
     """Raised after the last captured layer so the rest of the model does not run."""
 
 
-class UnsupportedModelError(RuntimeError):
-    pass
+__all__ = ["UnsupportedModelError"]  # re-exported: raised here for models that cannot be captured
 
 
 def get_active_sniffer() -> Sniffer | None:
@@ -85,6 +85,12 @@ class CaptureSpec:
     pre_rope: bool = False
     head_dim: int = 0
     layer_windows: dict[int, int | None] = field(default_factory=dict)
+    geometry: object = None  # qk_sniffer.probe.ModelGeometry: what attention receives, per layer
+    n_layers: int = 0
+    n_heads: int = 0  # query heads (names of the configs)
+    n_kv_heads: int = 0
+    layer_attention: dict[int, str] = field(default_factory=dict)  # full / sliding / chunked
+    skipped_layers: dict[int, str] = field(default_factory=dict)  # layers not captured, and why
 
     def heads_for(self, kind: str) -> list[int]:
         return self.query_heads if kind == "q" else self.key_heads
@@ -149,14 +155,22 @@ class Sniffer:
         self._deferred_ids: np.ndarray | None = None
         self._hooks: list = []
         self._seen_layers: set[int] = set()
+        self._calls: dict[int, int] = {}
+        self._proven = False  # pre-RoPE recipes re-derived on real tensors (first batch)
+        self.tap: RotaryTap | None = None
         self.seq_len = 0
 
     # -- activation ---------------------------------------------------------------------------
     def activate(self) -> Sniffer:
         set_active_sniffer(self)
+        if self.tap is not None:
+            self.tap.recording = True
         return self
 
     def deactivate(self) -> None:
+        if self.tap is not None:
+            self.tap.recording = False
+            self.tap.pending.clear()
         if get_active_sniffer() is self:
             set_active_sniffer(None)
 
@@ -170,15 +184,18 @@ class Sniffer:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if self.tap is not None:
+            self.tap.remove()
+            self.tap = None
 
     # -- model attachment ---------------------------------------------------------------------
     def attach(self, attention_modules: dict[int, torch.nn.Module], *, early_exit: bool = True) -> None:
-        """Register the backbone's attention modules (layer index -> module) and the hooks."""
-        self._module_layers = {id(m): idx for idx, m in attention_modules.items()}
+        """Register the backbone's attention modules (layer index -> module), the rotary tap and the early exit."""
+        self._module_layers = {id(m): idx for idx, m in attention_modules.items() if m is not None}
         if self.spec.pre_rope:
-            for idx in self.spec.layers:
-                self._hooks.extend(_pre_rope_hooks(self, idx, attention_modules[idx]))
-        if early_exit and self.last_layer >= 0:
+            self.tap = RotaryTap()
+            self.tap.install([m for m in attention_modules.values() if m is not None])
+        if early_exit and self.last_layer >= 0 and attention_modules.get(self.last_layer) is not None:
             last = attention_modules[self.last_layer]
             self._hooks.append(last.register_forward_hook(_raise_stop))
 
@@ -202,6 +219,7 @@ class Sniffer:
         self._deferred_ids = None
         self._pending = []
         self._seen_layers = set()
+        self._calls = {}
         self._token_ids = token_ids
         tokens = BatchTokens(example_ids, lengths, offsets, self.spec.sampler)
         self.seq_len = int((tokens.offsets + tokens.lengths).max()) if len(tokens.lengths) else 0
@@ -220,34 +238,75 @@ class Sniffer:
         self._plans = plans
 
     # -- capture (hot path) -------------------------------------------------------------------
+    def on_attention(self, module, query, key, window=None) -> None:
+        """The capture attention function's call: what attention receives in one layer."""
+        layer = self._module_layers.get(id(module))
+        calls = self.tap.take() if self.tap is not None else []
+        if layer is not None:
+            self._states(layer, query, key, window, calls)
+
     def capture(self, layer_idx, query_states=None, key_states=None, positions=None, sliding_window=None) -> None:
-        """Gather the selected rows of ``[batch, heads, seq, head_dim]`` query/key states."""
-        if layer_idx not in self.captured_layers:
+        """Gather the selected rows of ``[batch, heads, seq, head_dim]`` query/key states (hand-instrumented models)."""
+        calls = self.tap.take() if self.tap is not None else []
+        self._states(int(layer_idx), query_states, key_states, sliding_window, calls)
+
+    def _states(self, layer: int, query, key, window, calls) -> None:
+        if layer not in self.captured_layers:
             return
+        n = self._calls[layer] = self._calls.get(layer, 0) + 1
+        if n > 1:
+            raise UnsupportedModelError(
+                f"layer {layer}: the attention function ran {n} times in one forward (differential or looped attention); "
+                "its calls cannot be stored as one head's vectors"
+            )
         if self._deferred_ids is not None:
-            ref = query_states if query_states is not None else key_states
+            ref = query if query is not None else key
             b, s = ref.shape[0], ref.shape[2]
             self.begin_batch(self._deferred_ids, np.full(b, s), np.zeros(b, dtype=np.int64))
-        if query_states is not None:
-            self._gather(layer_idx, "q", query_states, sliding_window)
-        if key_states is not None:
-            self._gather(layer_idx, "k", key_states, sliding_window)
+        geo = self.spec.geometry.layers.get(layer) if self.spec.geometry is not None else None
+        if window is not None:
+            window = int(window)
+        for kind, states in (("q", query), ("k", key)):
+            if states is None or (layer, kind) not in self._plans:
+                continue
+            if geo is not None:
+                self._check_shape(layer, kind, states, geo)
+            if self.spec.pre_rope and geo is not None:
+                recipe = geo.recipes[kind]
+                if not self._proven:
+                    check_recipe(recipe, calls, states, kind=kind, owner=self.spec.geometry.owner, layer=layer)
+                self._gather(layer, kind, None, window, gather=lambda t, p=self._plans[(layer, kind)]: self._select(p, t),
+                             rebuild=lambda g, r=recipe, st=states: gather_pre_rope(r, calls, st, g))
+            else:
+                self._gather(layer, kind, states, window)
+        if layer == self.last_layer:
+            self._proven = True
 
-    def _gather(self, layer: int, kind: str, states: torch.Tensor, sliding_window) -> None:
+    def _check_shape(self, layer: int, kind: str, states: torch.Tensor, geo) -> None:
+        heads, dim = (geo.n_q, geo.q_dim) if kind == "q" else (geo.n_kv, geo.k_dim)
+        if states.dim() != 4 or states.shape[1] != heads or states.shape[-1] != dim:
+            raise UnsupportedModelError(
+                f"layer {layer}: attention received {kind} of shape {tuple(states.shape)}, but the probe measured "
+                f"{heads} heads of size {dim}; the model's attention changes shape between calls"
+            )
+
+    def _select(self, plan: LayerPlan, states: torch.Tensor) -> torch.Tensor:
+        plan = plan.on(states.device)
+        if plan.size == 0:
+            return states.new_empty((0, len(plan.heads), states.shape[-1]) if not plan.per_head else (0, states.shape[-1]))
+        if plan.per_head:
+            return states[plan.rows, plan.head_index, plan.cols]
+        return states[plan.rows[:, None], plan.head_index[None, :], plan.cols[:, None]]
+
+    def _gather(self, layer: int, kind: str, states, sliding_window, *, gather=None, rebuild=None) -> None:
         plan = self._plans.get((layer, kind))
         if plan is None:
             return
-        plan = plan.on(states.device)
-        if plan.size == 0:
-            out = states.new_empty((0, len(plan.heads), states.shape[-1]) if not plan.per_head else (0, states.shape[-1]))
-        elif plan.per_head:
-            out = states[plan.rows, plan.head_index, plan.cols]
-        else:
-            out = states[plan.rows[:, None], plan.head_index[None, :], plan.cols[:, None]]
+        out = rebuild(gather) if rebuild is not None else self._select(plan, states)
         out = out.to(self.spec.vector_dtype)
         if sliding_window is not None:
             sliding_window = int(sliding_window)
-        self._pending.append((layer, kind, plan, out, sliding_window))
+        self._pending.append((layer, kind, plan.on(out.device), out, sliding_window))
         self._seen_layers.add(layer)
 
     def end_batch(self) -> CapturedBatch:
@@ -308,62 +367,8 @@ def to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tens
 
 
 def _raise_stop(module, args, output):
-    sniffer = get_active_sniffer()
-    if sniffer is not None:
+    if isinstance(get_active_sniffer(), Sniffer):
         raise StopForward()
-
-
-# -- pre-RoPE hooks ----------------------------------------------------------------------------
-
-def _to_bhsd(t: torch.Tensor, head_dim: int, seq: int) -> torch.Tensor:
-    """Bring a projection/norm output to ``[batch, heads, seq, head_dim]``."""
-    if t.dim() == 3:  # [B, S, H*D]
-        return t.view(t.shape[0], t.shape[1], -1, head_dim).transpose(1, 2)
-    if t.dim() == 4:
-        if t.shape[1] == seq and t.shape[2] != seq:
-            return t.transpose(1, 2)  # [B, S, H, D]
-        if t.shape[2] == seq and t.shape[1] != seq:
-            return t  # [B, H, S, D]
-        # heads == seq: decide by memory layout (BSHD views are contiguous, BHSD ones are transposed)
-        return t.transpose(1, 2) if t.is_contiguous() else t
-    raise UnsupportedModelError(f"cannot interpret a pre-RoPE tensor of shape {tuple(t.shape)}")
-
-
-def _pre_rope_hooks(sniffer: Sniffer, layer: int, attn: torch.nn.Module) -> list:
-    head_dim = sniffer.spec.head_dim
-    window = sniffer.spec.layer_windows.get(layer)
-    hooks = []
-
-    def make(kind: str):
-        def hook(module, args, output):
-            out = output[0] if isinstance(output, tuple) else output
-            if fused_split is not None:
-                q_size, k_size = fused_split
-                out = out[..., :q_size] if kind == "q" else out[..., q_size:q_size + k_size]
-            sniffer._gather(layer, kind, _to_bhsd(out, head_dim, sniffer.seq_len), window)
-        return hook
-
-    fused_split = None
-    for kind, norm_name, proj_name in (("q", "q_norm", "q_proj"), ("k", "k_norm", "k_proj")):
-        if kind not in sniffer.spec.kinds:
-            continue
-        norm = getattr(attn, norm_name, None)
-        if isinstance(norm, torch.nn.Module) and not isinstance(norm, torch.nn.Identity):
-            target = norm
-        elif isinstance(getattr(attn, proj_name, None), torch.nn.Module):
-            target = getattr(attn, proj_name)
-        elif isinstance(getattr(attn, "qkv_proj", None), torch.nn.Module):
-            target = attn.qkv_proj
-            n_q = getattr(attn, "num_heads", None) or attn.config.num_attention_heads
-            n_kv = getattr(attn, "num_key_value_heads", None) or attn.config.num_key_value_heads
-            fused_split = (n_q * head_dim, n_kv * head_dim)
-        else:
-            raise UnsupportedModelError(
-                f"{type(attn).__name__} has no q_proj/k_proj/q_norm/k_norm/qkv_proj: pre-RoPE capture needs an "
-                "adapter; add a hand-instrumented modeling file under models/<model_type>/ (see models/README.md)"
-            )
-        hooks.append(target.register_forward_hook(make(kind)))
-    return hooks
 
 
 # -- attention interface ----------------------------------------------------------------------
@@ -389,12 +394,9 @@ def _make_capture_attention(inner: str) -> Callable:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     def capture_attention(module, query, key, value, attention_mask, **kwargs):
-        sniffer = get_active_sniffer()
-        if sniffer is not None and not sniffer.spec.pre_rope:
-            layer = sniffer.layer_of(module)
-            if layer is not None:
-                window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
-                sniffer.capture(layer, query, key, None, window)
+        active = get_active_sniffer()
+        if active is not None:
+            active.on_attention(module, query, key, kwargs.get("sliding_window", getattr(module, "sliding_window", None)))
         fn = _eager_for(module) if inner == "eager" else ALL_ATTENTION_FUNCTIONS[inner]
         return fn(module, query, key, value, attention_mask, **kwargs)
 

@@ -18,17 +18,7 @@ from .capture import CapturedBatch, Sniffer, StopForward, to_device
 from .config import ConfigError, chunk_fingerprint, data_root, sampling_settings, split_name
 from .data import length_sorted_batches, load_shard, tokenize_shard
 from .layout import atomic_write_json, chunk_dir, config_name, manifest_path
-from .modeling import (
-    DTYPES,
-    attention_modules,
-    backbone_of,
-    head_counts,
-    load_model,
-    load_tokenizer,
-    pick_device,
-    resolve_capture,
-    text_config,
-)
+from .modeling import DTYPES, backbone_of, load_model, load_tokenizer, pick_device, resolve_capture
 from .progress import ChunkProgress, Segment
 from .writer import ChunkWriter
 
@@ -36,20 +26,23 @@ log = logging.getLogger("qk_sniffer")
 
 
 class Capturer:
-    """Runs batches through the backbone with a sniffer attached; no LM head, early exit."""
+    """Runs batches through the backbone with a sniffer attached; no LM head, early exit.
+
+    Every batch is padded on the right and runs without a padding mask: each row's positions are
+    0..L-1 and causal attention never lets a real token see the padding after it, so a real token's
+    vectors are those of its example run alone, and no [B, 1, L, L] mask is ever built (sliding
+    windows, chunks and every other mask feature are built by the model from the positions as usual).
+    ``padding_side`` is accepted for compatibility and never changes where padding goes.
+    """
 
     def __init__(self, model, spec, *, pad_id: int = 0, padding_side: str = "right", autocast_dtype=None):
         self.model = model
         self.backbone = backbone_of(model)
-        mods = attention_modules(self.backbone)
-        missing = [layer for layer in spec.layers if layer not in mods]
-        if missing:
-            raise ConfigError(f"capture.layers: the model has no attention module for layers {missing}")
         self.input_device = self.backbone.get_input_embeddings().weight.device
         self.sniffer = Sniffer(spec, device=self.input_device)
-        self.sniffer.attach(mods)
+        self.sniffer.attach(spec.geometry.modules if spec.geometry is not None else {})
         self.pad_id = pad_id
-        self.padding_side = padding_side
+        self.padding_side = "right"
         self.autocast_dtype = autocast_dtype
 
     def close(self) -> None:
@@ -60,29 +53,26 @@ class Capturer:
         lengths = np.array([len(s) for s in seqs], dtype=np.int64)
         width = int(lengths.max())
         ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(seqs), width), dtype=np.int64)
-        offsets = (width - lengths) if self.padding_side == "left" else np.zeros_like(lengths)
-        for i, (s, off) in enumerate(zip(seqs, offsets)):
-            ids[i, off:off + len(s)] = s
-            mask[i, off:off + len(s)] = 1
-        # positions exclude padding: the first real token of every row is position 0
-        pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        offsets = np.zeros_like(lengths)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = s
+        pos = np.broadcast_to(np.arange(width, dtype=np.int64), ids.shape)
         dev = self.input_device
         self.sniffer.begin_batch(example_ids, lengths, offsets, token_ids=ids)
         width_shape = ids.shape
-        t_ids, t_mask, t_pos = (t.view(width_shape) for t in to_device([ids.ravel(), mask.ravel(), pos.ravel()], dev))
+        t_ids, t_pos = (t.view(width_shape) for t in to_device([ids.ravel(), pos.ravel()], dev))
         ac = (torch.autocast(device_type=dev.type, dtype=self.autocast_dtype)
               if self.autocast_dtype is not None else nullcontext())
         with self.sniffer, torch.inference_mode(), ac:
             try:
-                self.backbone(input_ids=t_ids, attention_mask=t_mask, position_ids=t_pos, use_cache=False)
+                self.backbone(input_ids=t_ids, position_ids=t_pos, use_cache=False)
             except StopForward:
                 pass
         batch = self.sniffer.end_batch()
         if batch.missing_layers:
             raise RuntimeError(
-                f"layers {batch.missing_layers} never reached the capture code: {type(self.model).__name__} bypasses "
-                "transformers' attention interface there; add an adapter under models/ (see models/README.md)"
+                f"layers {batch.missing_layers} reached the capture code in the probe forward but not in this batch: "
+                f"{type(self.model).__name__} takes another path for these inputs; capture those layers separately"
             )
         return batch
 
@@ -116,7 +106,9 @@ def run_chunk(cfg: dict, chunk: int, num_chunks: int | None = None, root: Path |
     if shard.total == 0:
         raise ConfigError(f"dataset: split {cfg['dataset']['split']!r} of {cfg['dataset']['path']!r} has no rows")
     tokenizer = load_tokenizer(cfg)
-    tokenizer.padding_side = cfg["tokenizer"]["padding"]
+    if cfg["tokenizer"]["padding"] == "left":
+        log.warning("tokenizer.padding: left is not used: qk-sniffer pads on the right without a padding mask, where "
+                    "padding never changes a vector (left padding shifts positions in some models' attention)")
     tok = tokenize_shard(shard, tokenizer, cfg["tokenizer"]["max_length"])
     ident = {"chunk": chunk, "num_chunks": num_chunks, "config_fingerprint": chunk_fingerprint(cfg),
              "example_range": [shard.start, shard.stop], "examples": len(tok.ids)}
@@ -126,9 +118,8 @@ def run_chunk(cfg: dict, chunk: int, num_chunks: int | None = None, root: Path |
                  progress.resumed["examples"], len(tok.ids), progress.resumed["segments"])
     device = pick_device(cfg)
     model = load_model(cfg, device)
-    spec = resolve_capture(cfg, model.config)
-    n_q, n_kv, head_dim = head_counts(model.config)
-    n_layers = text_config(model.config).num_hidden_layers
+    spec = resolve_capture(cfg, model)
+    n_q, n_kv, head_dim, n_layers = spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.n_layers
     t_loaded = time.perf_counter()
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -157,11 +148,11 @@ def run_chunk(cfg: dict, chunk: int, num_chunks: int | None = None, root: Path |
     done = 0
     bar = _progress(len(tok.ids))
     bar.update(len(tok.ids) - len(pending))
-    if batches:
-        # The first forward of a process is computed twice and its result dropped: on CPU an occasional
-        # process got the first call of the rotary embedding's cos wrong in half of the batch's rows (~2e-4,
-        # from torch's kernels; an immediate second call is exact), so without this two processes running
-        # the same chunk could differ in that batch's vectors.
+    if batches and capturer.input_device.type == "cpu":
+        # On the CPU only, the first forward of a process is computed twice and its result dropped: an
+        # occasional process got the first call of the rotary embedding's cos wrong in half of the batch's
+        # rows (~2e-4, from torch's CPU kernels; an immediate second call is exact), so without this two
+        # processes running the same chunk could differ in that batch's vectors. GPUs never showed it.
         first = batches[0]
         capturer.run_batch([tok.ids[j] for j in first], tok.example_ids[first]).wait()
     seg = new_segment()
@@ -216,9 +207,13 @@ def run_chunk(cfg: dict, chunk: int, num_chunks: int | None = None, root: Path |
             "name": cfg["model"]["name"],
             "revision": cfg["model"].get("revision") or getattr(model.config, "_commit_hash", None),
             "dtype": cfg["model"]["dtype"],
-            "attn_implementation": cfg["model"]["attn_implementation"],
+            "attn_implementation": getattr(model, "qk_sniffer_attention", cfg["model"]["attn_implementation"]),
             "num_layers": n_layers, "num_heads": n_q, "num_kv_heads": n_kv, "head_dim": head_dim,
             "layer_windows": [spec.layer_windows[i] for i in range(n_layers)],
+            # full / sliding:W / chunked:C per layer, which layers ran a rotary function, and the layers left out
+            "layer_attention": [spec.layer_attention[i] for i in range(n_layers)],
+            "rope_layers": sorted(i for i, g in spec.geometry.layers.items() if g.rope),
+            "skipped_layers": {str(i): why for i, why in sorted(spec.skipped_layers.items())},
         },
         "dataset": {k: cfg["dataset"][k] for k in ("path", "name", "split", "text_column", "id_column", "max_samples")},
         "device": str(capturer.input_device),

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from .capture import CaptureSpec, UnsupportedModelError, register_capture_attention
+from .capture import CaptureSpec, register_capture_attention
 from .config import REPO_ROOT, ConfigError, tokenizer_name
+from .errors import UnsupportedModelError
 from .sampling import SamplerSpec
 
 MODELS_DIR = REPO_ROOT / "models"
@@ -96,9 +97,63 @@ def _check_local_path(name: str, key: str) -> None:
         )
 
 
+def _causal_lm_auto():
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM
+
+
+ATTENTION_FLAGS = {"sdpa": "_supports_sdpa", "flash": "_supports_flash_attn", "flex": "_supports_flex_attn"}
+
+
+def model_class(config):
+    """(class, auto class) a checkpoint loads as: its causal LM, or its image-text model whose language
+    model is then run text-only (Mistral 3). ``(None, AutoModelForCausalLM)`` for remote code."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        try:
+            return auto._model_mapping[type(config)], auto
+        except KeyError:
+            continue
+    return None, AutoModelForCausalLM
+
+
+def attention_choices(cls) -> list[str]:
+    """The attention implementations transformers lets ``cls`` run (eager always)."""
+    if cls is None:
+        return ["eager", "sdpa"]
+    out = ["eager"]
+    for name, flag in (("sdpa", "_supports_sdpa"), ("flash_attention_2", "_supports_flash_attn"),
+                       ("flex_attention", "_supports_flex_attn")):
+        if getattr(cls, flag, False):
+            out.append(name)
+    return out
+
+
+def choose_attention(cls, requested: str | None) -> str:
+    """What transformers would pick by itself (sdpa where the class supports it, else eager), or the
+    explicit choice after checking the class can run it."""
+    from .capture import CAPTURE_PREFIX
+
+    default = "sdpa" if cls is None or getattr(cls, "_supports_sdpa", False) else "eager"
+    if requested is None:
+        return default
+    inner = requested[len(CAPTURE_PREFIX):] if requested.startswith(CAPTURE_PREFIX) else requested
+    flag = next((f for key, f in ATTENTION_FLAGS.items() if key in inner), None)
+    if cls is not None and flag is not None and not getattr(cls, flag, False):
+        raise ConfigError(
+            f"model.attn_implementation: {inner!r} is not supported by {cls.__name__} (transformers refuses it, e.g. it "
+            f"would drop softcapping or attention sinks); use one of {', '.join(attention_choices(cls))}, or leave it "
+            f"unset (qk-sniffer then uses {default})"
+        )
+    return inner
+
+
 def load_model(cfg: dict, device: torch.device):
-    """Load the causal LM with the capture attention wrapped around the configured implementation."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Load the causal LM (the language model of an image-text checkpoint) with the capture attention
+    wrapped around the chosen implementation; a load that leaves weights missing stops here."""
+    from transformers import AutoConfig
 
     mcfg = cfg["model"]
     name = mcfg["name"]
@@ -110,41 +165,34 @@ def load_model(cfg: dict, device: torch.device):
         setattr(target, key, value)
     model_type = getattr(config, "model_type", "?")
     adapter = has_adapter(model_type)
-    try:
-        cls = AutoModelForCausalLM._model_mapping[type(config)]
-    except KeyError:
-        cls = None  # remote code or an unknown architecture: checked after loading
-    if cls is not None and not adapter and not getattr(cls, "_supports_attention_backend", False):
-        raise _unsupported(cls.__name__, model_type)
     if adapter:
         patch_modeling_modules()
-        attn = mcfg["attn_implementation"]
-    else:
-        attn = register_capture_attention(mcfg["attn_implementation"])
+    cls, auto = model_class(config)
+    inner = choose_attention(cls, mcfg.get("attn_implementation"))
+    attn = inner if adapter else register_capture_attention(inner)
     dtype = mcfg["dtype"]
     kwargs = dict(
         config=config, revision=mcfg.get("revision"), trust_remote_code=mcfg["trust_remote_code"],
-        dtype=("auto" if dtype == "auto" else DTYPES[dtype]), attn_implementation=attn,
+        dtype=("auto" if dtype == "auto" else DTYPES[dtype]), attn_implementation=attn, output_loading_info=True,
     )
     if mcfg.get("device_map") is not None:
         kwargs["device_map"] = mcfg["device_map"]
-    model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    if not adapter and not getattr(model, "_supports_attention_backend", False):
-        raise _unsupported(type(model).__name__, model_type)
+    model, info = auto.from_pretrained(name, **kwargs)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise UnsupportedModelError(
+            f"model.name: loading {name!r} as {type(model).__name__} left {len(missing)} weight(s) missing "
+            f"(e.g. {', '.join(missing[:3])}); refusing to run random weights: check the checkpoint and model.revision"
+        )
+    if auto is not _causal_lm_auto():
+        # an image-text checkpoint run text-only: keep its language model, free the vision tower
+        model = model.get_decoder()
+    model.qk_sniffer_attention = inner
     if mcfg.get("device_map") is None:
         model.to(device)
     model.eval()
     model.requires_grad_(False)
     return model
-
-
-def _unsupported(class_name: str, model_type: str) -> UnsupportedModelError:
-    return UnsupportedModelError(
-        f"{class_name} does not use transformers' attention interface, and there is no adapter for model_type "
-        f"{model_type!r}. Add one: copy its modeling file to models/{model_type}/modeling_{model_type}.py and call "
-        "get_active_sniffer().capture(layer_idx, query_states, key_states, positions, sliding_window) in its "
-        "attention forward (see models/README.md)."
-    )
 
 
 def backbone_of(model) -> torch.nn.Module:
@@ -168,37 +216,57 @@ def attention_modules(backbone) -> dict[int, torch.nn.Module]:
     return found
 
 
-def layer_windows(config) -> list[int | None]:
-    """The sliding window of each layer (None for full causal attention), from the config."""
+def _safe(read, default=None):
+    """A config field, or ``default`` where the config cannot answer (per-layer attributes raise)."""
+    try:
+        return read()
+    except Exception:  # noqa: BLE001 - configs with per-layer attributes raise their own error types
+        return default
+
+
+def layer_attention(config, n_layers: int) -> list[tuple[str, int | None]]:
+    """(kind, size) per layer: ("full", None), ("sliding", window) or ("chunked", chunk size)."""
     tc = text_config(config)
-    n = tc.num_hidden_layers
-    window = getattr(tc, "sliding_window", None)
-    types = getattr(tc, "layer_types", None)
+    window = _safe(lambda: tc.sliding_window)
+    chunk = _safe(lambda: tc.attention_chunk_size)
+    types = _safe(lambda: tc.layer_types)
     if types:
-        return [window if t == "sliding_attention" else None for t in types]
-    if window and getattr(tc, "use_sliding_window", True):
-        return [window] * n
-    return [None] * n
+        kinds = {"sliding_attention": ("sliding", window), "chunked_attention": ("chunked", chunk)}
+        return [kinds.get(types[i], ("full", None)) if i < len(types) else ("full", None) for i in range(n_layers)]
+    if window and _safe(lambda: tc.use_sliding_window, True) is not False:
+        return [("sliding", window)] * n_layers
+    return [("full", None)] * n_layers
 
 
-def head_counts(config) -> tuple[int, int, int]:
-    tc = text_config(config)
-    n_q = tc.num_attention_heads
-    n_kv = getattr(tc, "num_key_value_heads", None) or n_q
-    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // n_q
-    return n_q, n_kv, head_dim
+def layer_windows(config, n_layers: int | None = None) -> list[int | None]:
+    """The sliding window of each layer (None for full or chunked attention), from the config."""
+    n = n_layers if n_layers is not None else _safe(lambda: text_config(config).num_hidden_layers, 0)
+    return [size if kind == "sliding" else None for kind, size in layer_attention(config, n)]
 
 
-def resolve_capture(cfg: dict, config) -> CaptureSpec:
-    """Check layer/head indices against the model and build the capture spec."""
-    cap = cfg["capture"]
-    tc = text_config(config)
-    n_layers = tc.num_hidden_layers
-    n_q, n_kv, head_dim = head_counts(config)
-    windows = layer_windows(config)
+def model_geometry(model, *, pre_rope: bool):
+    """The probe's geometry of ``model`` (cached on the model)."""
+    from .probe import probe_geometry
 
+    cache = model.__dict__.setdefault("_qk_sniffer_geometry", {})
+    if pre_rope not in cache:
+        n_layers = _safe(lambda: text_config(model.config).num_hidden_layers)
+        cache[pre_rope] = probe_geometry(model, backbone_of(model), pre_rope=pre_rope, n_layers=n_layers)
+    return cache[pre_rope]
+
+
+def _select_layers(cap: dict, geometry, attention: list) -> tuple[list[int], dict[int, str]]:
+    n_layers = geometry.n_layers
+    skipped = dict(geometry.skipped)
+    for i, g in geometry.layers.items():
+        if g.calls > 1:
+            skipped[i] = (f"the attention function runs {g.calls} times in one forward of this layer (differential or "
+                          "looped attention); its calls cannot be told apart")
     if cap["layers"] is None:
-        layers = list(range(n_layers))
+        layers = [i for i in range(n_layers) if i not in skipped]
+        if not layers:
+            reasons = sorted(set(skipped.values()))
+            raise UnsupportedModelError(f"{geometry.owner}: no layer can be captured: {'; '.join(reasons)}")
     else:
         layers = []
         for v in cap["layers"]:
@@ -207,13 +275,44 @@ def resolve_capture(cfg: dict, config) -> CaptureSpec:
                     f"capture.layers: layer {v} is out of range; the model has {n_layers} layers "
                     f"(use 0..{n_layers - 1}, or negative indices from the end)"
                 )
+            if v % n_layers in skipped:
+                raise ConfigError(f"capture.layers: layer {v % n_layers} cannot be captured: {skipped[v % n_layers]}; "
+                                  "remove it from capture.layers")
             layers.append(v % n_layers)
         layers = sorted(set(layers))
     if cap["full_attention_only"]:
-        layers = [layer for layer in layers if windows[layer] is None]
+        layers = [layer for layer in layers if attention[layer][0] == "full"]
         if not layers:
             raise ConfigError("capture.full_attention_only: none of the selected layers uses full attention")
+    return layers, skipped
 
+
+def _uniform(values: dict, what: str, owner: str) -> int:
+    found = sorted(set(values.values()))
+    if len(found) != 1:
+        detail = ", ".join(f"layer {i}: {v}" for i, v in sorted(values.items()))
+        raise UnsupportedModelError(f"{owner}: {what} differs between the captured layers ({detail}); "
+                                    "capture the layers of one size at a time with capture.layers")
+    return found[0]
+
+
+def resolve_capture(cfg: dict, model) -> CaptureSpec:
+    """Check layer/head indices against what the model's attention receives and build the capture spec."""
+    cap = cfg["capture"]
+    pre_rope = bool(cap["capture_pre_rope"])
+    geometry = model_geometry(model, pre_rope=pre_rope)
+    n_layers = geometry.n_layers
+    attention = layer_attention(model.config, n_layers)
+    layers, skipped = _select_layers(cap, geometry, attention)
+    kinds = tuple(k for k, on in (("q", cap["capture_queries"]), ("k", cap["capture_keys"])) if on)
+    if not kinds:
+        raise ConfigError("capture: capture_queries and capture_keys are both false; nothing would be captured")
+    geo = {i: geometry.layers[i] for i in layers}
+    n_q = _uniform({i: g.n_q for i, g in geo.items()}, "the number of query heads", geometry.owner)
+    n_kv = _uniform({i: g.n_kv for i, g in geo.items()}, "the number of key heads", geometry.owner)
+    dims = {**({(i, "q"): g.q_dim for i, g in geo.items()} if "q" in kinds else {}),
+            **({(i, "k"): g.k_dim for i, g in geo.items()} if "k" in kinds else {})}
+    head_dim = _uniform(dims, "the query/key head size", geometry.owner)
     if cap["heads"] is None:
         q_heads = list(range(n_q))
         kv_heads = list(range(n_kv))
@@ -225,16 +324,16 @@ def resolve_capture(cfg: dict, config) -> CaptureSpec:
                     f"(use 0..{n_q - 1}); key heads follow from the query heads ({n_kv} key/value heads)"
                 )
         q_heads = sorted(set(cap["heads"]))
-        group = n_q // n_kv
+        group = max(n_q // n_kv, 1)
         kv_heads = sorted({h // group for h in q_heads})
-    kinds = tuple(k for k, on in (("q", cap["capture_queries"]), ("k", cap["capture_keys"])) if on)
-    if not kinds:
-        raise ConfigError("capture: capture_queries and capture_keys are both false; nothing would be captured")
     return CaptureSpec(
         layers=layers, query_heads=q_heads, key_heads=kv_heads, kinds=kinds,
         sampler=SamplerSpec.from_config(cfg), vector_dtype=DTYPES[cap["vector_dtype"]],
-        pre_rope=bool(cap["capture_pre_rope"]), head_dim=head_dim,
-        layer_windows={i: windows[i] for i in range(n_layers)},
+        pre_rope=pre_rope, head_dim=head_dim,
+        layer_windows={i: (size if kind == "sliding" else None) for i, (kind, size) in enumerate(attention)},
+        geometry=geometry, n_layers=n_layers, n_heads=n_q, n_kv_heads=n_kv,
+        layer_attention={i: kind if size is None else f"{kind}:{size}" for i, (kind, size) in enumerate(attention)},
+        skipped_layers=skipped,
     )
 
 

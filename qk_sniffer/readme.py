@@ -189,6 +189,9 @@ def split_meta(cfg: dict, final: Path, split: str, configs: list[str], previous:
                                                    "num_layers", "num_heads", "num_kv_heads", "head_dim")}
         meta["dataset"] = run.get("dataset")
         meta["layer_windows"] = model.get("layer_windows")
+        for key in ("layer_attention", "rope_layers", "skipped_layers"):
+            if model.get(key) is not None:
+                meta[key] = model[key]
         meta["sampling"] = merged.get("sampling") or run.get("sampling")
         mixed = merged.get("mixed_sampling")
         if mixed:
@@ -255,6 +258,17 @@ def _split_body(split: str, meta: dict, configs: list[str], repo: str, groups: d
     ]
     if windows and any(w is not None for w in windows):
         out.append(f"| Sliding windows | {', '.join(f'layer {i}: {w}' for i, w in enumerate(windows) if w)} |")
+    chunked = [(i, a.split(":", 1)[-1]) for i, a in enumerate(meta.get("layer_attention") or []) if a.startswith("chunked")]
+    if chunked:
+        out.append(f"| Chunked attention | {', '.join(f'layer {i}: chunks of {c}' for i, c in chunked)} "
+                   "(a token sees only earlier tokens of its own chunk; `sliding_window` is null there) |")
+    if meta.get("rope_layers") is not None:
+        out.append(f"| Layers with RoPE | {_ranges(meta['rope_layers'])} "
+                   f"(pre-RoPE capture: {'yes' if smp.get('capture_pre_rope') else 'no'}; the others store what "
+                   "attention receives) |")
+    if meta.get("skipped_layers"):
+        out.append("| Layers not captured | " + "; ".join(f"layer {i}: {why}" for i, why in meta["skipped_layers"].items())
+                   + " |")
     out += [f"| Rows | {meta.get('rows_total', 0):,} |", f"| Updated | {meta.get('updated_at', '-')} |", ""]
     if meta.get("previous_sampling"):
         out += ["Warning: rows of this split were also captured with other sampling settings: "

@@ -17,7 +17,7 @@ SEQS = [np.arange(5, 5 + n) % 300 + 5 for n in (70, 33, 9, 64)]
 
 def _capture(cfg, device, padding_side="right"):
     model = load_model(cfg, torch.device(device))
-    capturer = Capturer(model, resolve_capture(cfg, model.config), pad_id=0, padding_side=padding_side)
+    capturer = Capturer(model, resolve_capture(cfg, model), pad_id=0, padding_side=padding_side)
     batch = capturer.run_batch(SEQS, np.arange(len(SEQS)))
     batch.wait()
     capturer.close()
@@ -43,7 +43,7 @@ def test_no_device_sync_in_capture_path(tiny_models, make_config, monkeypatch):
     """Planning uploads and the per-layer gathers never synchronise with the GPU."""
     cfg = make_config(model={"name": str(tiny_models("gemma3"))}, capture={"min_bucket_size": 4})
     model = load_model(cfg, torch.device("cuda"))
-    capturer = Capturer(model, resolve_capture(cfg, model.config), pad_id=0)
+    capturer = Capturer(model, resolve_capture(cfg, model), pad_id=0)
     calls = []
     orig_gather, orig_begin, orig_end = Sniffer._gather, Sniffer.begin_batch, Sniffer.end_batch
 
