@@ -213,6 +213,11 @@ def run_chunk(cfg: dict, chunk: int, num_chunks: int | None = None, root: Path |
             # full / sliding:W / chunked:C per layer, which layers ran a rotary function, and the layers left out
             "layer_attention": [spec.layer_attention[i] for i in range(n_layers)],
             "rope_layers": sorted(i for i, g in spec.geometry.layers.items() if g.rope),
+            "rope_unknown_layers": sorted(i for i, g in spec.geometry.layers.items() if g.rope is None),
+            # layers where attention receives something else than the rotation's output (a norm or scaling after it)
+            "post_rotation_transform": {kind: sorted(i for i, g in spec.geometry.layers.items()
+                                                     if kind in g.recipes and g.recipes[kind].post_transform)
+                                        for kind in ("q", "k")},
             "skipped_layers": {str(i): why for i, why in sorted(spec.skipped_layers.items())},
         },
         "dataset": {k: cfg["dataset"][k] for k in ("path", "name", "split", "text_column", "id_column", "max_samples")},

@@ -34,7 +34,7 @@ class LayerGeometry:
     n_kv: int = 0
     q_dim: int = 0
     k_dim: int = 0
-    rope: bool = False
+    rope: bool | None = False  # a rotary function ran (None: the model has RoPE but its rotation is not visible)
     recipes: dict[str, PreRopeRecipe] = field(default_factory=dict)
 
 
@@ -118,8 +118,9 @@ def _forward(backbone, probe: Probe, length: int, vocab: int) -> None:
 
 
 def probe_geometry(model, backbone, *, pre_rope: bool, n_layers: int | None = None) -> ModelGeometry:
-    """Run the probe forward (twice with ``pre_rope``: once to find the attention modules, once with
-    their rotary functions wrapped) and return the geometry."""
+    """Run the probe forward twice (once to find the attention modules, once with their rotary
+    functions wrapped) and return the geometry. Without ``pre_rope`` a rotation that cannot be
+    identified only leaves the layer's RoPE status unknown (None); with it, it is refused."""
     owner = type(model).__name__
     vocab = backbone.get_input_embeddings().weight.shape[0]
     candidates = candidate_attention_modules(backbone)
@@ -131,7 +132,7 @@ def probe_geometry(model, backbone, *, pre_rope: bool, n_layers: int | None = No
             _forward(backbone, first, length, vocab)
             probe = first
             tap = None
-            if pre_rope and first.modules:
+            if first.modules:
                 tap = RotaryTap()
                 tap.install([m for m in first.modules.values() if m is not None] + list(candidates.values()))
                 probe = Probe(tap)
@@ -151,17 +152,24 @@ def probe_geometry(model, backbone, *, pre_rope: bool, n_layers: int | None = No
         q, k, calls = records[0]
         g = LayerGeometry(idx, module, calls=len(records), n_q=_heads(q), n_kv=_heads(k), q_dim=_dim(q), k_dim=_dim(k),
                           rope=bool(calls))
-        if pre_rope and len(records) == 1:
-            nope = getattr(module, "use_rope", None) is not None and not module.use_rope  # Llama 4 / SmolLM3 NoPE layers
-            if not calls and rotary_model and not nope:
+        nope = getattr(module, "use_rope", None) is not None and not module.use_rope  # Llama 4 / SmolLM3 NoPE layers
+        if not calls and rotary_model and not nope:
+            g.rope = None  # the model has a rotary embedding, but no rotation qk-sniffer can see ran here
+            if pre_rope:
                 raise UnsupportedModelError(
                     f"{owner}: layer {idx} ({type(module).__name__}) runs with rotary position embeddings, but no rotary "
                     "function qk-sniffer can see ran in it (it wraps module-level apply_rotary*/apply_*rope* functions); "
                     "pre-RoPE capture cannot be proven: use capture_pre_rope: false, or add an adapter under models/"
                 )
+        if len(records) == 1 and g.rope is not None:
             for kind, states in (("q", q), ("k", k)):
-                if states is not None:
+                if states is None:
+                    continue
+                try:
                     g.recipes[kind] = find_recipe(calls, states, kind=kind, owner=owner, layer=idx)
+                except UnsupportedModelError:
+                    if pre_rope:
+                        raise
         layers[idx] = g
     total = max([n_layers or 0, *(i + 1 for i in layers), *(i + 1 for i in candidates)])
     skipped = {}

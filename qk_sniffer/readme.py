@@ -189,7 +189,7 @@ def split_meta(cfg: dict, final: Path, split: str, configs: list[str], previous:
                                                    "num_layers", "num_heads", "num_kv_heads", "head_dim")}
         meta["dataset"] = run.get("dataset")
         meta["layer_windows"] = model.get("layer_windows")
-        for key in ("layer_attention", "rope_layers", "skipped_layers"):
+        for key in ("layer_attention", "rope_layers", "rope_unknown_layers", "post_rotation_transform", "skipped_layers"):
             if model.get(key) is not None:
                 meta[key] = model[key]
         meta["sampling"] = merged.get("sampling") or run.get("sampling")
@@ -263,9 +263,15 @@ def _split_body(split: str, meta: dict, configs: list[str], repo: str, groups: d
         out.append(f"| Chunked attention | {', '.join(f'layer {i}: chunks of {c}' for i, c in chunked)} "
                    "(a token sees only earlier tokens of its own chunk; `sliding_window` is null there) |")
     if meta.get("rope_layers") is not None:
-        out.append(f"| Layers with RoPE | {_ranges(meta['rope_layers'])} "
-                   f"(pre-RoPE capture: {'yes' if smp.get('capture_pre_rope') else 'no'}; the others store what "
-                   "attention receives) |")
+        note = "pre-RoPE capture: the other layers store what attention receives" if smp.get("capture_pre_rope") \
+            else "vectors are post-RoPE"
+        out.append(f"| Layers with RoPE | {_ranges(meta['rope_layers'])} ({note}) |")
+    if meta.get("rope_unknown_layers"):
+        out.append(f"| RoPE not identified | layers {_ranges(meta['rope_unknown_layers'])} |")
+    post = meta.get("post_rotation_transform") or {}
+    if any(post.values()):
+        out.append("| Transform after the rotation | " + "; ".join(f"{k}: layers {_ranges(post[k])}" for k in ("q", "k") if post.get(k))
+                   + " (a norm or scaling after RoPE: post-RoPE vectors are what attention receives, transform included) |")
     if meta.get("skipped_layers"):
         out.append("| Layers not captured | " + "; ".join(f"layer {i}: {why}" for i, why in meta["skipped_layers"].items())
                    + " |")
