@@ -39,7 +39,9 @@ GOALS = {
     "resume": "<= 2/6",
     "plan": "report; per-head below a 1B-model forward estimate",
     "checkpoint": "report; cost per checkpoint / default interval (600 s)",
+    "longctx": "time (b) <= 1.15 x ((a) L + (a) 3L/4); memory (b) well under (c)",
 }
+EXTRA: list[str] = []  # markdown blocks a benchmark adds below the table (per-case detail)
 
 # model shapes (Llama architecture, random weights)
 SIZES = {
@@ -115,7 +117,7 @@ class Forward:
         cfg = _cfg(model_dir, root, layers=layers)
         cfg["model"]["dtype"] = dtype
         self.model = load_model(cfg, self.device)
-        spec = resolve_capture(cfg, self.model.config)
+        spec = resolve_capture(cfg, self.model)
         self.capturer = Capturer(self.model, spec, pad_id=0)
         n_q = self.model.config.num_attention_heads
         self.writer = ChunkWriter(root / "staging" / "chunk-0", "bench", head_dim=spec.head_dim,
@@ -667,6 +669,171 @@ def _resume_case(tmp: Path, per_chunk: int) -> list[dict]:
     ]
 
 
+LONGCTX_LENGTHS = "4096,8192,16384,32768,65536"
+LONGCTX_MASK_GIB = 10.0  # (c) is skipped where its [B, 1, L, L] mask alone would take more than this
+
+
+def _mask_gib(batch: int, length: int) -> float:
+    """What the padding-mask path materializes for its mask on the CPU: transformers' boolean [B, 1, L, L] mask
+    (1 byte an element) and the float copy of it torch's CPU SDPA makes (4 bytes an element)."""
+    return batch * length * length * 5 / 2**30
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # no /proc: the high-water mark only
+
+
+def _row_tokens(n: int, vocab: int) -> np.ndarray:
+    """A row of ``n`` random tokens, the same for every case that has a row of that length."""
+    return np.random.default_rng(n).integers(5, vocab, size=n)
+
+
+def _longctx_child() -> None:
+    """One (variant, lengths) case of ``longctx`` in a process of its own; prints a JSON line.
+
+    ``capture``: qk-sniffer's Capturer (right padding, no mask) over rows of ``lengths``.
+    ``masked``: a plain transformers copy of the model (sdpa) over the same rows padded to the longest, with a
+    padding mask, stopped where the capture run stops (after the last layer's attention).
+    """
+    import torch
+
+    from qk_sniffer.config import validate_config
+    from qk_sniffer.modeling import attention_modules, backbone_of
+
+    job = json.loads(sys.argv[1])
+    model_dir, lengths = job["model"], job["lengths"]
+    cfg = validate_config({
+        "dataset": {"path": "json", "data_files": str(REPO / "config/demo/corpus.jsonl")},
+        "model": {"name": model_dir, "dtype": "float32"},
+        "capture": {"sampler": {"type": "log_uniform"}},  # the default capture settings, every layer
+        "output": {"data_root": job["root"], "split_name": "bench"},
+    })
+    if job["variant"] == "capture":
+        from qk_sniffer.chunk import Capturer
+        from qk_sniffer.modeling import load_model, resolve_capture
+
+        model = load_model(cfg, torch.device("cpu"))
+        capturer = Capturer(model, resolve_capture(cfg, model), pad_id=0)
+        vocab = model.config.vocab_size
+
+        def forward(lens: list[int]) -> None:
+            rows = [_row_tokens(n, vocab) for n in lens]
+            capturer.run_batch(rows, np.arange(len(rows))).wait()
+    else:
+        from transformers import AutoModelForCausalLM
+
+        class Stop(Exception):
+            pass
+
+        def stop(module, args, output):
+            raise Stop()
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32).eval()
+        backbone = backbone_of(model)
+        mods = attention_modules(backbone)
+        mods[max(mods)].register_forward_hook(stop)
+        vocab = model.config.vocab_size
+
+        def forward(lens: list[int]) -> None:
+            ids = torch.zeros(len(lens), max(lens), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, n in enumerate(lens):
+                ids[i, :n] = torch.as_tensor(_row_tokens(n, vocab))
+                mask[i, :n] = 1
+            with torch.inference_mode():
+                try:
+                    backbone(input_ids=ids, attention_mask=mask, use_cache=False)
+                except Stop:
+                    pass
+
+    forward([max(1, n // 64) for n in lengths])  # warm-up: kernels and allocator, at a small size
+    base = _status_kib("VmRSS")
+    times, cpu = [], []
+    while True:  # one forward; short ones again (up to 3, median) while it costs little
+        t, c = time.perf_counter(), time.process_time()
+        forward(lengths)
+        times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+        if len(times) >= 3 or sum(times) > 10:
+            break
+    print(json.dumps({"base_mib": base / 1024, "peak_mib": _status_kib("VmHWM") / 1024, "time_s": statistics.median(times),
+                      "cpu_s": statistics.median(cpu), "reps": len(times)}))
+
+
+def bench_longctx(args, tmp: Path) -> list[dict]:
+    """Peak RSS and time of one capture forward at long contexts on the CPU, each case in a process of its own.
+
+    (a) batch 1 of L tokens and of 3L/4 tokens, (b) the padded batch of 2 (L and 3L/4) through the Capturer (no
+    mask), (c) the same batch as transformers runs it with a padding mask (sdpa, a [2, 1, L, L] mask), skipped
+    where that mask alone would exceed LONGCTX_MASK_GIB.
+    """
+    from models.tiny.recipes import build_model as build
+
+    model_dir = tmp / "model-longctx"
+    lengths = [int(s) for s in str(args.longctx).split(",")]
+    if not (model_dir / "config.json").exists():  # the tiny Llama's recipe (models/tiny/llama), positions to 64k
+        build("llama", model_dir, seed=0, max_position_embeddings=max(65536, *lengths))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+    def case(variant: str, lens: list[int]) -> dict:
+        job = {"model": str(model_dir), "variant": variant, "lengths": lens, "root": str(tmp / "longctx-root")}
+        print(f"  longctx {variant} {lens} ...", file=sys.stderr, flush=True)
+        out = subprocess.run([sys.executable, "-c", "from benchmarks.run import _longctx_child; _longctx_child()",
+                              json.dumps(job)], capture_output=True, text=True, cwd=REPO, env=env)
+        if out.returncode != 0:
+            raise RuntimeError(f"longctx {variant} {lens} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        res["own_mib"] = res["peak_mib"] - res["base_mib"]  # the forward's own peak, over the loaded model
+        print(f"    {res}", file=sys.stderr, flush=True)
+        return res
+
+    def mem(r: dict) -> str:
+        return f"peak {r['peak_mib']:,.0f} MiB (+{r['own_mib']:,.0f})"
+
+    rows, detail = [], []
+    goal_b = "time <= 1.15 x (a) L + (a) 3L/4; memory report"
+    for L in lengths:
+        q = 3 * L // 4
+        a_l, a_q, b = case("capture", [L]), case("capture", [q]), case("capture", [L, q])
+        t_a, m_a = a_l["time_s"] + a_q["time_s"], a_l["own_mib"] + a_q["own_mib"]
+        rows.append(dict(
+            benchmark="longctx", case=f"L={L}: (b) padded batch 2x[{L}, {q}], no mask, vs (a) batch 1 of each",
+            a=f"(b) {b['time_s']:.2f} s, {mem(b)}",
+            b=f"(a) {a_l['time_s']:.2f} + {a_q['time_s']:.2f} s, {mem(a_l)} / {mem(a_q)}",
+            ratio=f"time {b['time_s'] / t_a:.3f}, memory {b['own_mib'] / max(m_a, 1e-9):.2f}", goal=goal_b))
+        detail += [(L, f"(a) 1x{L}", a_l), (L, f"(a) 1x{q}", a_q), (L, f"(b) 2x[{L}, {q}] no mask", b)]
+        gib = _mask_gib(2, L)
+        if gib > LONGCTX_MASK_GIB:
+            rows.append(dict(benchmark="longctx", case=f"L={L}: (c) transformers, padding mask, vs (b)",
+                             a=f"(c) skipped: its mask alone ~{gib:,.0f} GiB > {LONGCTX_MASK_GIB:.0f} GiB",
+                             b=f"(b) {b['time_s']:.2f} s, {mem(b)}", ratio="-", goal="report"))
+            detail.append((L, f"(c) 2x{L} padding mask: skipped, mask ~{gib:,.0f} GiB", None))
+            continue
+        c = case("masked", [L, q])
+        rows.append(dict(
+            benchmark="longctx", case=f"L={L}: (c) transformers, padding mask ([2, 1, L, L], ~{gib:.2f} GiB), vs (b)",
+            a=f"(c) {c['time_s']:.2f} s, {mem(c)}", b=f"(b) {b['time_s']:.2f} s, {mem(b)}",
+            ratio=f"time {c['time_s'] / b['time_s']:.2f}, memory {c['own_mib'] / max(b['own_mib'], 1e-9):.1f}",
+            goal="report; memory (b) well under (c)"))
+        detail.append((L, f"(c) 2x{L} padding mask", c))
+    lines = ["| L | case | time | CPU time | reps | load baseline RSS | peak RSS | forward's own peak |",
+             "|---|---|---|---|---|---|---|---|"]
+    for L, what, r in detail:
+        if r is None:
+            lines.append(f"| {L} | {what} | - | - | - | - | - | - |")
+        else:
+            lines.append(f"| {L} | {what} | {r['time_s']:.2f} s | {r['cpu_s']:.2f} s | {r['reps']} | {r['base_mib']:,.0f} MiB | "
+                         f"{r['peak_mib']:,.0f} MiB | {r['own_mib']:,.0f} MiB |")
+    EXTRA.append("longctx, every case in a process of its own (tiny random Llama, 4 layers, float32, CPU, log_uniform "
+                 "sampler, all layers; time and CPU time (all threads) of the forward: medians of the reps; load baseline: "
+                 "RSS after loading and a small warm-up forward; own peak: peak RSS over that):\n\n" + "\n".join(lines))
+    return rows
+
+
 BENCHES = {
     "capture": bench_capture,
     "early": bench_early,
@@ -676,6 +843,7 @@ BENCHES = {
     "merge": bench_merge,
     "resume": bench_resume,
     "checkpoint": bench_checkpoint,
+    "longctx": bench_longctx,
 }
 
 
@@ -720,6 +888,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", default="512", help="comma-separated sequence lengths")
     ap.add_argument("--tokens", type=int, default=4096, help="tokens per batch (batch = tokens // seq, at least 1)")
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--longctx", default=LONGCTX_LENGTHS, help="comma-separated lengths L of the longctx benchmark")
     ap.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     ap.add_argument("--note", default="", help="a line recorded with the results")
     args = ap.parse_args(argv)
@@ -734,7 +903,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"running {name} ...", file=sys.stderr, flush=True)
             rows += BENCHES[name](args, Path(d))
     info = machine()
-    text = table(rows)
+    text = "\n\n".join([table(rows), *EXTRA])
     print(text)
     if not args.no_record:
         with open(RESULTS, "a", encoding="utf-8") as fh:

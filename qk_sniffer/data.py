@@ -149,7 +149,25 @@ def tokenize_shard(shard: Shard, tokenizer, max_length: int) -> Tokenized:
                      skipped_invalid=invalid)
 
 
+PADDING_SLACK_TOKENS = 1024  # a row joins a batch while it is at most this many tokens (or 1/8 of the longest) shorter
+
+
 def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """Indices grouped into batches of similar length (longest first, so memory peaks early)."""
-    order = np.argsort(-np.asarray(lengths), kind="stable")
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    """Indices grouped into batches of similar length (longest first, so memory peaks early).
+
+    A row joins the current batch only while its padding stays small: at most 1/8 of the batch's
+    longest row or ``PADDING_SLACK_TOKENS``, whichever is more. Short rows still batch freely; at long
+    contexts a row much shorter than the batch's longest starts a batch of its own, so a padded batch
+    costs about what its rows cost alone (padding is computed like real tokens). A pure function of
+    the lengths: a resumed chunk's pending tail, which starts at a batch boundary, batches the same.
+    """
+    lengths = np.asarray(lengths)
+    order = np.argsort(-lengths, kind="stable")
+    batches: list[np.ndarray] = []
+    start = 0
+    for i in range(1, len(order) + 1):
+        if i == len(order) or i - start >= batch_size or \
+                lengths[order[start]] - lengths[order[i]] > max(PADDING_SLACK_TOKENS, lengths[order[start]] // 8):
+            batches.append(order[start:i])
+            start = i
+    return batches

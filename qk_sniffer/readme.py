@@ -270,7 +270,8 @@ def _split_body(split: str, meta: dict, configs: list[str], repo: str, groups: d
         out.append(f"| RoPE not identified | layers {_ranges(meta['rope_unknown_layers'])} |")
     post = meta.get("post_rotation_transform") or {}
     if any(post.values()):
-        out.append("| Transform after the rotation | " + "; ".join(f"{k}: layers {_ranges(post[k])}" for k in ("q", "k") if post.get(k))
+        which = "; ".join(f"{k}: layers {_ranges(post[k])}" for k in ("q", "k") if post.get(k))
+        out.append(f"| Transform after the rotation | {which}"
                    + " (a norm or scaling after RoPE: post-RoPE vectors are what attention receives, transform included) |")
     if meta.get("skipped_layers"):
         out.append("| Layers not captured | " + "; ".join(f"layer {i}: {why}" for i, why in meta["skipped_layers"].items())

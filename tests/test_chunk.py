@@ -331,3 +331,22 @@ def test_an_aborted_writer_writes_nothing_after_it_returns(tmp_path):
     assert other.close() == {"l00h00q": 100}
     t = pq.read_table(tmp_path / "ok" / "data" / "tiny" / "l00h00q" / "data.parquet")
     assert t.num_rows == 100 and t.column("example_id").to_pylist() == [0] * 50 + [1] * 50
+
+
+def test_batches_keep_padding_small_at_long_contexts():
+    """Rows far shorter than a batch's longest start their own batch; short rows batch freely; a pure function."""
+    from qk_sniffer.data import PADDING_SLACK_TOKENS, length_sorted_batches
+
+    lengths = np.array([65536, 49152, 60000, 300, 20, 900, 8192, 7000, 6500])
+    batches = length_sorted_batches(lengths, 4)
+    assert sorted(int(i) for b in batches for i in b) == list(range(len(lengths)))
+    assert [sorted(lengths[b].tolist(), reverse=True) for b in batches] == [
+        [65536, 60000], [49152], [8192], [7000, 6500], [900, 300, 20]]
+    for b in batches:
+        longest = lengths[b].max()
+        assert len(b) <= 4 and all(longest - n <= max(PADDING_SLACK_TOKENS, longest // 8) for n in lengths[b])
+    # the tail after any batch boundary batches exactly as in the full run (what a resumed chunk relies on)
+    order = np.concatenate(batches)
+    for k in range(1, len(batches)):
+        tail = order[sum(len(b) for b in batches[:k]):]
+        assert [tail[b].tolist() for b in length_sorted_batches(lengths[tail], 4)] == [b.tolist() for b in batches[k:]]
