@@ -321,3 +321,47 @@ def test_pre_rope_recipe_is_proven_on_the_first_batch(make_config):
     with pytest.raises(UnsupportedModelError, match=r"layer 1: the pre-RoPE q of this batch comes from the rotary"):
         capturer.run_batch([np.arange(5, 30)], [0])
     capturer.close()
+
+
+def test_model_that_is_not_causal_gets_the_padding_mask(tmp_path, make_config):
+    """A BERT-style decoder without is_decoder attends both ways: the probe's causality proof fails, so padded
+    batches keep the padding mask and store what each example run alone stores."""
+    import transformers
+
+    bert = transformers.AutoModelForCausalLM.from_config(transformers.BertConfig(
+        vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4))
+    assert not bert.config.is_decoder
+    bert.save_pretrained(tmp_path / "bert")
+    cfg = make_config(model={"name": str(tmp_path / "bert")}, capture={"sampler": {"type": "all"}, "min_bucket_size": 4})
+    model = load_model(cfg, torch.device("cpu"))
+    spec = resolve_capture(cfg, model)
+    assert spec.geometry.causal is False
+    assert resolve_capture(make_config(), load_model(make_config(), torch.device("cpu"))).geometry.causal is True
+    capturer = Capturer(model, spec, pad_id=0)
+    seqs = [np.arange(5, 40), np.arange(9, 21)]
+    together = capturer.run_batch(seqs, [0, 1])
+    alone = [capturer.run_batch([s], [i]) for i, s in enumerate(seqs)]
+    capturer.close()
+    for layer, kind, plan, tensor, _ in together.items:
+        for i in range(2):
+            mine = plan.example_id == i
+            ref = next(t for la, k, _, t, _ in alone[i].items if (la, k) == (layer, kind))
+            assert (tensor[torch.from_numpy(mine)] - ref).abs().max().item() <= 1e-5, (layer, kind, i)
+
+
+def test_nope_layer_is_proven_by_rerunning_it_with_other_positions(tmp_path, make_config):
+    """Cohere 2's full-attention layers skip the rotation without a use_rope flag: the probe reruns such a
+    layer with other position embeddings, finds the same q/k, and captures what attention receives."""
+    import transformers
+
+    cfg_model = transformers.Cohere2Config(
+        vocab_size=600, hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=4)
+    full = [i for i, t in enumerate(cfg_model.layer_types) if t == "full_attention"]
+    assert full and len(full) < 4
+    transformers.AutoModelForCausalLM.from_config(cfg_model).save_pretrained(tmp_path / "cohere2")
+    cfg = make_config(model={"name": str(tmp_path / "cohere2")}, capture={"capture_pre_rope": True})
+    spec = resolve_capture(cfg, load_model(cfg, torch.device("cpu")))
+    assert sorted(i for i, g in spec.geometry.layers.items() if not g.rope) == full
+    assert {g.recipes["q"].source for i, g in spec.geometry.layers.items() if i in full} == {"attention"}
+    assert {g.recipes["q"].source for i, g in spec.geometry.layers.items() if i not in full} == {"whole"}
