@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
-from .capture import CaptureSpec, register_capture_attention
+from .capture import CAPTURE_PREFIX, CaptureSpec, register_capture_attention
 from .config import REPO_ROOT, ConfigError, tokenizer_name
 from .errors import UnsupportedModelError
+from .heads import heads_by_layer, sample_heads, selection_record
 from .sampling import SamplerSpec
 
 MODELS_DIR = REPO_ROOT / "models"
@@ -82,8 +83,10 @@ def load_tokenizer(cfg: dict):
 
     name = tokenizer_name(cfg)
     _check_local_path(name, "tokenizer.name" if cfg["tokenizer"].get("name") else "model.name")
+    own = name == cfg["model"]["name"]  # the model's own tokenizer: model.trust_remote_code covers it too
     tok = AutoTokenizer.from_pretrained(
-        name, revision=cfg["tokenizer"].get("revision"), trust_remote_code=cfg["model"]["trust_remote_code"],
+        name, revision=cfg["tokenizer"].get("revision"),
+        trust_remote_code=cfg["tokenizer"]["trust_remote_code"] or (own and cfg["model"]["trust_remote_code"]),
     )
     return tok
 
@@ -134,8 +137,6 @@ def attention_choices(cls) -> list[str]:
 def choose_attention(cls, requested: str | None) -> str:
     """What transformers would pick by itself (sdpa where the class supports it, else eager), or the
     explicit choice after checking the class can run it."""
-    from .capture import CAPTURE_PREFIX
-
     default = "sdpa" if cls is None or getattr(cls, "_supports_sdpa", False) else "eager"
     if requested is None:
         return default
@@ -175,9 +176,21 @@ def load_model(cfg: dict, device: torch.device):
         config=config, revision=mcfg.get("revision"), trust_remote_code=mcfg["trust_remote_code"],
         dtype=("auto" if dtype == "auto" else DTYPES[dtype]), attn_implementation=attn, output_loading_info=True,
     )
-    if mcfg.get("device_map") is not None:
-        kwargs["device_map"] = mcfg["device_map"]
-    model, info = auto.from_pretrained(name, **kwargs)
+    device_map = _device_map(mcfg.get("device_map"), device)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model, info = auto.from_pretrained(name, **kwargs)
+    except KeyError as exc:  # models that pick an attention class by name from a table of their own
+        if CAPTURE_PREFIX not in str(exc):
+            raise
+        owner = cls.__name__ if cls is not None else model_type
+        raise UnsupportedModelError(
+            f"{owner} does not use transformers' attention interface (it looks its attention up in a table of its own); "
+            f"add an adapter: copy its modeling file to models/{model_type}/modeling_{model_type}.py and call "
+            "get_active_sniffer().capture(layer_idx, query_states, key_states, positions, sliding_window) in its "
+            "attention forward (see models/README.md)"
+        ) from exc
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise UnsupportedModelError(
@@ -188,11 +201,22 @@ def load_model(cfg: dict, device: torch.device):
         # an image-text checkpoint run text-only: keep its language model, free the vision tower
         model = model.get_decoder()
     model.qk_sniffer_attention = inner
-    if mcfg.get("device_map") is None:
+    if device_map is None:
         model.to(device)
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _device_map(value, device: torch.device):
+    """``model.device_map`` as given to from_pretrained: ``auto`` with one device (the CPU, or one visible GPU) is
+    that device, which needs no accelerate; any other map needs the accelerate package."""
+    if value is None or (value == "auto" and (device.type == "cpu" or torch.cuda.device_count() <= 1)):
+        return None
+    if importlib.util.find_spec("accelerate") is None:
+        raise ConfigError(f"model.device_map: {value!r} needs the accelerate package (pip install accelerate); "
+                          "or set model.device_map: null to load the model on one device")
+    return value
 
 
 def backbone_of(model) -> torch.nn.Module:
@@ -201,7 +225,10 @@ def backbone_of(model) -> torch.nn.Module:
         dec = model.get_decoder()
     except Exception:  # noqa: BLE001
         dec = None
-    return dec if dec is not None else getattr(model, "model", model)
+    if isinstance(dec, torch.nn.Module) and hasattr(dec, "get_input_embeddings"):
+        return dec
+    inner = getattr(model, "model", None)
+    return inner if isinstance(inner, torch.nn.Module) else model
 
 
 def attention_modules(backbone) -> dict[int, torch.nn.Module]:
@@ -304,6 +331,9 @@ def resolve_capture(cfg: dict, model) -> CaptureSpec:
     n_layers = geometry.n_layers
     attention = layer_attention(model.config, n_layers)
     layers, skipped = _select_layers(cap, geometry, attention)
+    if not layers:
+        raise ConfigError("capture.layers: the list is empty, so nothing would be captured; list layer indices, "
+                          "or use null for every layer")
     kinds = tuple(k for k, on in (("q", cap["capture_queries"]), ("k", cap["capture_keys"])) if on)
     if not kinds:
         raise ConfigError("capture: capture_queries and capture_keys are both false; nothing would be captured")
@@ -326,6 +356,14 @@ def resolve_capture(cfg: dict, model) -> CaptureSpec:
         q_heads = sorted(set(cap["heads"]))
         group = max(n_q // n_kv, 1)
         kv_heads = sorted({h // group for h in q_heads})
+    layer_heads = record = None
+    if cap["head_sampling"]:
+        picked = sample_heads(layers, q_heads, cap["head_sampling"]["count"], cap["head_sampling"]["seed"])
+        layer_heads = heads_by_layer(picked, n_q, n_kv)
+        record = selection_record(cap["head_sampling"], picked, len(layers) * len(q_heads), layer_heads)
+        layers = sorted(layer_heads)
+        q_heads = sorted({h for e in layer_heads.values() for h in e["q"]})
+        kv_heads = sorted({h for e in layer_heads.values() for h in e["k"]})
     return CaptureSpec(
         layers=layers, query_heads=q_heads, key_heads=kv_heads, kinds=kinds,
         sampler=SamplerSpec.from_config(cfg), vector_dtype=DTYPES[cap["vector_dtype"]],
@@ -333,7 +371,7 @@ def resolve_capture(cfg: dict, model) -> CaptureSpec:
         layer_windows={i: (size if kind == "sliding" else None) for i, (kind, size) in enumerate(attention)},
         geometry=geometry, n_layers=n_layers, n_heads=n_q, n_kv_heads=n_kv,
         layer_attention={i: kind if size is None else f"{kind}:{size}" for i, (kind, size) in enumerate(attention)},
-        skipped_layers=skipped,
+        skipped_layers=skipped, layer_heads=layer_heads, head_sampling=record,
     )
 
 
