@@ -91,8 +91,13 @@ class CaptureSpec:
     n_kv_heads: int = 0
     layer_attention: dict[int, str] = field(default_factory=dict)  # full / sliding / chunked
     skipped_layers: dict[int, str] = field(default_factory=dict)  # layers not captured, and why
+    # capture.head_sampling: {layer: {"q": heads, "k": heads}} (else every layer has the lists above), and its record
+    layer_heads: dict[int, dict[str, list[int]]] | None = None
+    head_sampling: dict | None = None
 
-    def heads_for(self, kind: str) -> list[int]:
+    def heads_for(self, kind: str, layer: int | None = None) -> list[int]:
+        if self.layer_heads is not None and layer is not None:
+            return self.layer_heads.get(layer, {}).get(kind, [])
         return self.query_heads if kind == "q" else self.key_heads
 
 
@@ -226,7 +231,7 @@ class Sniffer:
         plans = {}
         for layer in self.spec.layers:
             for kind in self.spec.kinds:
-                heads = self.spec.heads_for(kind)
+                heads = self.spec.heads_for(kind, layer)
                 if heads:
                     plans[(layer, kind)] = _plan(tokens, layer, kind, heads, self.spec.sampler.per_head)
         host = []

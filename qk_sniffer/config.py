@@ -43,8 +43,16 @@ def _resolve(schema: dict, root: dict) -> dict:
     return schema
 
 
+def _branch(schema: dict, instance: Any) -> dict:
+    """The schema with the ``anyOf`` branch a mapping value is checked against merged in (nullable objects)."""
+    for option in schema.get("anyOf", ()):
+        if option.get("type") == "object" and isinstance(instance, dict):
+            return {**schema, **option}
+    return schema
+
+
 def _fill_defaults(instance: Any, schema: dict, root: dict) -> None:
-    schema = _resolve(schema, root)
+    schema = _branch(_resolve(schema, root), instance)
     if not isinstance(instance, dict):
         return
     for key, sub in schema.get("properties", {}).items():
@@ -55,9 +63,65 @@ def _fill_defaults(instance: Any, schema: dict, root: dict) -> None:
             _fill_defaults(instance[key], sub, root)
 
 
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal values of the same type (YAML's true is not 1, null is not "null")."""
+    return type(a) is type(b) and a == b
+
+
+def _normalize(instance: Any, schema: dict, root: dict, where: str = "") -> None:
+    """Apply the schema's ``x-values-of`` and ``x-aliases`` in place (before defaults, so explicit keys are known)."""
+    schema = _branch(_resolve(schema, root), instance)
+    if not isinstance(instance, dict):
+        return
+    props = schema.get("properties", {})
+    for key in list(instance):
+        sub = _resolve(props.get(key, {}), root)
+        for other, values in (sub.get("x-values-of") or {}).items():
+            if any(_same_value(instance[key], v) for v in values):
+                if other in instance and not _same_value(instance[other], instance[key]):
+                    raise ConfigError(
+                        f"{where}{key}: {instance[key]!r} is a value of {where}{other}, which the config sets to "
+                        f"{instance[other]!r}; remove one of the two keys"
+                    )
+                instance[other] = instance.pop(key)
+                break
+        if key not in instance:
+            continue
+        for spelling, canonical in (sub.get("x-aliases") or {}).items():
+            if _same_value(instance[key], spelling):
+                instance[key] = copy.deepcopy(canonical)
+                break
+        _normalize(instance[key], sub, root, f"{where}{key}.")
+
+
+def ignored_keys(schema: dict | None = None) -> list[str]:
+    """Dotted paths of the keys the schema marks ``x-ignored`` (accepted from the original tool's configs)."""
+    schema = schema or load_schema()
+    out = []
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, sub in (_resolve(node, schema).get("properties") or {}).items():
+            sub = _resolve(sub, schema)
+            if sub.get("x-ignored"):
+                out.append(prefix + key)
+            walk(sub, f"{prefix}{key}.")
+
+    walk(schema, "")
+    return out
+
+
 def _path(err: jsonschema.ValidationError) -> str:
     parts = [str(p) for p in err.absolute_path]
     return ".".join(parts) if parts else "<top level>"
+
+
+def _leaves(err: jsonschema.ValidationError) -> list[jsonschema.ValidationError]:
+    """An ``anyOf`` error explained by the branch of the value's own type (so a mapping's typo gets its did-you-mean)."""
+    if err.validator == "anyOf" and err.context:
+        own = [e for e in err.context if e.validator != "type"]
+        if own:
+            return [leaf for e in own for leaf in _leaves(e)]
+    return [err]
 
 
 def _describe(err: jsonschema.ValidationError, schema_root: dict) -> str:
@@ -83,6 +147,9 @@ def _describe(err: jsonschema.ValidationError, schema_root: dict) -> str:
         return f"{where}: {err.instance!r} is too small; it must be {op} {err.validator_value}."
     if err.validator == "required":
         return f"{where}: {err.message}; add it to the config."
+    if err.validator == "anyOf":
+        kinds = " or ".join(str(o.get("type")).replace("object", "a mapping") for o in err.validator_value)
+        return f"{where}: {err.instance!r} has the wrong type; expected {kinds}."
     return f"{where}: {err.message}"
 
 
@@ -96,10 +163,12 @@ def validate_config(raw: dict | None, *, source: str = "config") -> dict:
     cfg = copy.deepcopy(raw)
     validator_cls = jsonschema.validators.validator_for(schema)
     validator = validator_cls(schema)
-    errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    errors = [leaf for e in validator.iter_errors(cfg) for leaf in _leaves(e)]
+    errors.sort(key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
     if errors:
         msgs = [_describe(e, schema) for e in errors]
         raise ConfigError(f"invalid {source}:\n  - " + "\n  - ".join(dict.fromkeys(msgs)))
+    _normalize(cfg, schema, schema)
     _fill_defaults(cfg, schema, schema)
     return cfg
 
@@ -158,16 +227,30 @@ def sampling_settings(cfg: dict) -> dict:
         "min_bucket_size": int(cap["min_bucket_size"]),
         "capture_pre_rope": bool(cap["capture_pre_rope"]),
         "max_length": int(cfg["tokenizer"]["max_length"]),
+        "max_rows_per_batch": cap["max_rows_per_batch"],
     }
 
 
+_ADDED_LATER = {"dataset.streaming": False, "capture.head_sampling": None, "capture.max_rows_per_batch": None}
+
+
 def chunk_fingerprint(cfg: dict) -> str:
-    """Hash of everything that changes the rows a chunk produces (not batch size or padding side)."""
+    """Hash of everything that changes the rows a chunk produces (not batch size or padding side).
+
+    Ignored keys are left out, and so are keys added later while at their default, so that configs which do not
+    use them keep the fingerprint they had (streaming reads the same rows, but may divide them into other chunks).
+    """
+    ignored = set(ignored_keys())
+
+    def section(name: str) -> dict:
+        return {k: v for k, v in cfg[name].items() if f"{name}.{k}" not in ignored
+                and not (f"{name}.{k}" in _ADDED_LATER and v == _ADDED_LATER[f"{name}.{k}"])}
+
     relevant = {
-        "dataset": cfg["dataset"],
+        "dataset": section("dataset"),
         "model": cfg["model"],
         "tokenizer": {k: cfg["tokenizer"][k] for k in ("name", "revision", "max_length")},
-        "capture": cfg["capture"],
+        "capture": section("capture"),
         "split": split_name(cfg),
         "num_chunks": cfg["workflow"]["num_chunks"],
     }

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .config import ConfigError
-from .sampling import string_example_id
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 @dataclass
@@ -28,10 +32,7 @@ def shard_bounds(total: int, chunk: int, num_chunks: int) -> tuple[int, int]:
     return chunk * total // num_chunks, (chunk + 1) * total // num_chunks
 
 
-def load_split(cfg: dict):
-    import datasets
-
-    d = cfg["dataset"]
+def _load_kwargs(d: dict) -> dict:
     kwargs = {"split": d["split"]}
     if d.get("name"):
         kwargs["name"] = d["name"]
@@ -39,9 +40,17 @@ def load_split(cfg: dict):
         kwargs["data_files"] = d["data_files"]
     if d.get("revision"):
         kwargs["revision"] = d["revision"]
+    return kwargs
+
+
+@contextmanager
+def _reading(d: dict):
+    """Turn what ``datasets`` raises while loading (or streaming) the source into one-line config errors."""
+    import datasets
+
     try:
         try:
-            ds = datasets.load_dataset(d["path"], **kwargs)
+            yield
         except datasets.exceptions.DatasetGenerationError as exc:  # the builder's own error is the cause
             cause = exc.__cause__ or exc.__context__
             if isinstance(cause, UnicodeDecodeError | StopIteration):
@@ -62,40 +71,99 @@ def load_split(cfg: dict):
         raise ConfigError(f"dataset.path/data_files: {exc}; check the path (relative to the working directory)") from exc
     except StopIteration as exc:  # what the json builder raises for an empty file
         raise ConfigError(f"dataset: {d['path']!r} {d.get('data_files') or ''} has no rows") from exc
+
+
+def _check_columns(d: dict, columns: list[str]) -> None:
     col = d["text_column"]
-    if col not in ds.column_names:
+    if col not in columns:
         raise ConfigError(
-            f"dataset.text_column: column {col!r} is not in {d['path']!r} (columns: {', '.join(ds.column_names)}); "
+            f"dataset.text_column: column {col!r} is not in {d['path']!r} (columns: {', '.join(columns)}); "
             "set dataset.text_column to one of them"
         )
-    if d.get("id_column") and d["id_column"] not in ds.column_names:
+    if d.get("id_column") and d["id_column"] not in columns:
         raise ConfigError(
-            f"dataset.id_column: column {d['id_column']!r} is not in {d['path']!r} "
-            f"(columns: {', '.join(ds.column_names)})"
+            f"dataset.id_column: column {d['id_column']!r} is not in {d['path']!r} (columns: {', '.join(columns)})"
         )
+
+
+def load_split(cfg: dict):
+    import datasets
+
+    d = cfg["dataset"]
+    with _reading(d):
+        ds = datasets.load_dataset(d["path"], **_load_kwargs(d))
+    _check_columns(d, ds.column_names)
     if d.get("max_samples") is not None and d["max_samples"] < len(ds):
         ds = ds.select(range(d["max_samples"]))
     return ds
 
 
+def example_id_of(value) -> int:
+    """The example id of one id-column value, as the original tool computed it.
+
+    Booleans and integers within int64 are used as they are, integer-valued floats as integers; anything
+    else (strings, floats with a fraction, values out of range, nulls) is ``blake2b(str(value), 8 bytes)``
+    read little-endian as a signed int64.
+    """
+    if isinstance(value, bool | np.bool_):
+        return int(value)
+    if isinstance(value, int | np.integer) and INT64_MIN <= int(value) <= INT64_MAX:
+        return int(value)
+    if isinstance(value, float | np.floating) and math.isfinite(value) and float(value).is_integer() \
+            and INT64_MIN <= int(value) <= INT64_MAX:
+        return int(value)
+    digest = hashlib.blake2b(str(value).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
 def example_ids_for(values, start: int, stop: int) -> np.ndarray:
-    """Row indices, or the id column's values (integers as they are, strings hashed to 63 bits)."""
+    """Row indices, or the example ids of the id column's values (:func:`example_id_of`)."""
     if values is None:
         return np.arange(start, stop, dtype=np.int64)
-    out = np.empty(len(values), dtype=np.int64)
-    for i, v in enumerate(values):
-        if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-            out[i] = int(v)
-        elif isinstance(v, str):
-            out[i] = string_example_id(v)
-        else:
-            raise ConfigError(f"dataset.id_column: value {v!r} at row {start + i} is neither an integer nor a string")
-    return out
+    return np.fromiter((example_id_of(v) for v in values), dtype=np.int64, count=len(values))
+
+
+def _stream_shard(cfg: dict, chunk: int, num_chunks: int) -> Shard:
+    """Shard ``chunk`` read from a stream: skip to its first row, take its rows, nothing else is downloaded."""
+    import datasets
+
+    d = cfg["dataset"]
+    with _reading(d):
+        ds = datasets.load_dataset(d["path"], streaming=True, **_load_kwargs(d))
+        columns = ds.column_names or list(next(iter(ds.take(1)), {}))
+    if not columns:
+        raise ConfigError(f"dataset: {d['path']!r} {d.get('data_files') or ''} has no rows")
+    _check_columns(d, columns)
+    info = ds.info.splits.get(d["split"]) if ds.info and ds.info.splits else None
+    known = info.num_examples if info is not None and info.num_examples else None
+    total = min(x for x in (known, d.get("max_samples")) if x is not None) if (known or d.get("max_samples")) else None
+    if total is None and num_chunks > 1:
+        raise ConfigError(
+            f"dataset.streaming: the length of {d['path']!r} is not known in advance, so it cannot be divided into "
+            f"workflow.num_chunks={num_chunks} chunks; set dataset.max_samples (or workflow.num_chunks: 1)"
+        )
+    start, stop = shard_bounds(total, chunk, num_chunks) if total is not None else (0, None)
+    part = ds.skip(start) if start else ds
+    if stop is not None:
+        part = part.take(stop - start)
+    text_col, id_col = d["text_column"], d.get("id_column")
+    texts, values = [], []
+    with _reading(d):
+        for row in part:
+            texts.append(row[text_col])
+            if id_col:
+                values.append(row[id_col])
+    if total is None:  # one chunk over a stream of unknown length: it is the whole stream
+        total = stop = len(texts)
+    ids = example_ids_for(values if id_col else None, start, start + len(texts))
+    return Shard(chunk=chunk, num_chunks=num_chunks, start=start, stop=stop, total=total, texts=texts, example_ids=ids)
 
 
 def load_shard(cfg: dict, chunk: int, num_chunks: int) -> Shard:
     if not 0 <= chunk < num_chunks:
         raise ConfigError(f"chunk {chunk} is out of range for workflow.num_chunks={num_chunks} (use 0..{num_chunks - 1})")
+    if cfg["dataset"].get("streaming"):
+        return _stream_shard(cfg, chunk, num_chunks)
     ds = load_split(cfg)
     total = len(ds)
     start, stop = shard_bounds(total, chunk, num_chunks)

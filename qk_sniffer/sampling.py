@@ -9,7 +9,6 @@ so it is computed for a whole batch before the forward pass; the attention hook 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +22,7 @@ _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _S30, _S27, _S31, _S11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11)
 _INV_2_53 = 2.0**-53
+CAP_SALT = 0x6D61785F726F7773  # "max_rows": the cap's ranking hash, mixed apart from the keep decision
 
 
 def mix_int(z: int) -> int:
@@ -92,10 +92,19 @@ def keep_probability(buckets: np.ndarray, sampler_type: str, base_rate: float, m
     raise ValueError(f"unknown sampler type {sampler_type!r}")
 
 
-def string_example_id(value: str) -> int:
-    """Stable 63-bit id for a string id column: the first 8 bytes of SHA-256 (big endian), top bit cleared."""
-    digest = hashlib.sha256(value.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+def cap_rank(prefixes: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """The rank of tokens under ``capture.max_rows_per_batch`` (smallest first): ``mix(h ^ CAP_SALT)`` where ``h`` is
+    the token's sampling hash ``mix(prefix_hash(...) ^ position)``; applied after the frozen keep decision."""
+    return mix(mix(prefixes.astype(np.uint64) ^ positions.astype(np.uint64)) ^ np.uint64(CAP_SALT))
+
+
+def cap_per_row(kept: np.ndarray, rows: np.ndarray, rank: np.ndarray, max_rows: int) -> np.ndarray:
+    """Of the kept token indices ``kept``, those among the ``max_rows`` smallest ranks of their batch row (an
+    example: its tokens are always in one batch, so the cap is a pure function of the rows' keys); sorted."""
+    order = kept[np.lexsort((rank[kept], rows[kept]))]  # by example, then rank (stable: ties keep position order)
+    r = rows[order]
+    within = np.arange(len(order)) - np.searchsorted(r, r, side="left")
+    return np.sort(order[within < max_rows])
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,7 @@ class SamplerSpec:
     seed: int = 0
     per_head: bool = False
     min_bucket_size: int = 128
+    max_rows: int | None = None  # capture.max_rows_per_batch: rows kept per (example, layer, head, kind)
 
     @classmethod
     def from_config(cls, cfg: dict) -> SamplerSpec:
@@ -115,6 +125,7 @@ class SamplerSpec:
             seed=int(s["seed"]),
             per_head=bool(s["per_head"]),
             min_bucket_size=int(cfg["capture"]["min_bucket_size"]),
+            max_rows=cfg["capture"].get("max_rows_per_batch"),
         )
 
     def expected_rate(self, position: int) -> float:
@@ -159,16 +170,17 @@ class BatchTokens:
 
     def select(self, layer: int, head: int, kind: int) -> Selection:
         spec = self.spec
-        if self.all_kept:
+        if self.all_kept and not spec.max_rows:
             keep = slice(None)
         else:
-            prefixes = np.fromiter(
+            prefixes = np.repeat(np.fromiter(
                 (prefix_hash(spec.seed, int(e), layer, head, kind) for e in self.example_ids),
                 dtype=np.uint64,
                 count=len(self.example_ids),
-            )
-            u = u_array(np.repeat(prefixes, self.lengths), self.position)
-            keep = u < self.p
+            ), self.lengths)
+            keep = np.ones(len(self.position), bool) if self.all_kept else u_array(prefixes, self.position) < self.p
+            if spec.max_rows:
+                keep = cap_per_row(np.flatnonzero(keep), self.row, cap_rank(prefixes, self.position), spec.max_rows)
         return Selection(
             rows=self.row[keep],
             cols=self.col[keep],

@@ -194,10 +194,13 @@ def test_empty_texts_skipped_and_counted_and_string_ids(tmp_path):
                       capture={"sampler": {"type": "all"}})
     man = run_chunk(cfg, 0, 1)
     assert man["examples"] == 3 and man["skipped_empty"] == 2
-    from qk_sniffer.sampling import string_example_id
+    import hashlib
 
     got = staged(tmp_path / "root")["l00h00q"]
-    assert set(got["example_id"].to_list()) == {string_example_id(f"doc-{i:05d}") for i in (0, 3, 4)}
+    # string ids are blake2b-8 of the text, little-endian signed (the original tool's ids)
+    want = {int.from_bytes(hashlib.blake2b(f"doc-{i:05d}".encode(), digest_size=8).digest(), "little", signed=True)
+            for i in (0, 3, 4)}
+    assert set(got["example_id"].to_list()) == want
 
 
 def test_more_chunks_than_examples_gives_empty_recorded_chunks(tmp_path):

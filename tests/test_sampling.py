@@ -16,7 +16,6 @@ from qk_sniffer.sampling import (
     keep_probability,
     mix,
     mix_int,
-    string_example_id,
     token_u,
 )
 
@@ -68,13 +67,6 @@ def test_uniform_and_all_buckets():
     assert keep_probability(bucket_of(pos, "uniform", 4), "uniform", 1.0, 4).tolist() == [0.25] * 10
     assert keep_probability(bucket_of(pos, "all", 4), "all", 1.0, 4).tolist() == [1.0] * 10
     assert keep_probability(np.array([0]), "uniform", 10.0, 4).tolist() == [1.0]
-
-
-def test_string_ids_are_stable_63_bit():
-    v = string_example_id("doc-0001")
-    assert v == string_example_id("doc-0001") and 0 <= v < 2**63
-    assert v != string_example_id("doc-0002")
-    assert string_example_id("hello") == 0x2CF24DBA5FB0A30E & (2**63 - 1)  # sha256("hello")[:8], top bit cleared
 
 
 def _spec_selection(spec, example_ids, lengths, layer, head, kind):
