@@ -41,6 +41,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import legacy
 from .config import chunk_fingerprint, data_root, sampling_settings, split_name
 from .layout import (
     atomic_write_json,
@@ -397,6 +398,7 @@ def merge_staging(cfg: dict, root: Path | None = None, *, append: bool = True) -
     root = Path(root) if root is not None else data_root(cfg)
     split = split_name(cfg)
     final = final_dir(root)
+    legacy.refuse_local(root)  # a dataset of the original tool is converted by sniff-qk migrate, never merged into
     remove_stale_temps(final)  # a merge killed mid-write left them; verify_dataset refuses a final/ holding any
     fingerprint = chunk_fingerprint(cfg)
     current_sampling = sampling_settings(cfg)

@@ -32,6 +32,7 @@ from typing import Protocol, runtime_checkable
 from filelock import FileLock
 from filelock import Timeout as LockTimeout
 
+from . import legacy
 from .config import ConfigError, data_root, split_name
 from .layout import atomic_output, atomic_write_json, final_dir, remove_stale_temps
 
@@ -358,6 +359,8 @@ def pull(cfg: dict, root: Path | None = None) -> dict:
     remove_stale_temps(final)
     snap_path = final / SNAPSHOT_NAME
     remote = remote_for(cfg)
+    # a dataset of the original tool, here or on the remote, is refused before final/ changes (qk_sniffer/legacy.py)
+    legacy.refuse_local(root, final=remote is None)
     if remote is None:
         snap = {"remote": None, "revision": None, "pulled_at": _now(), "files": {}}
         atomic_write_json(snap_path, snap)
@@ -367,9 +370,12 @@ def pull(cfg: dict, root: Path | None = None) -> dict:
     for _attempt in range(5):
         rev = remote.head()
         if prev and prev.get("remote") == desc and prev.get("revision") == rev:
+            legacy.refuse_final(final)
             log.info("final/ already holds revision %s of %s", rev, desc)
             return {**prev, "changed": False, "updated": 0, "removed": []}
         if rev is None:  # no dataset there yet: keep final/ (the first push publishes it)
+            legacy.refuse_final(final)
+            legacy.refuse_remote_dir(remote)
             snap = {"remote": desc, "revision": None, "pulled_at": _now(), "files": {}}
             atomic_write_json(snap_path, snap)
             return {**snap, "changed": False, "updated": 0, "removed": []}
@@ -379,10 +385,12 @@ def pull(cfg: dict, root: Path | None = None) -> dict:
         tmp = Path(tempfile.mkdtemp(prefix=PULL_TMP_PREFIX, dir=root))
         try:
             try:
+                legacy.refuse_remote(legacy.in_listing(remote.list_files(rev), desc))  # before downloading it
                 remote.download(tmp, rev)
             except RemoteMovedError:
                 log.info("%s moved while downloading revision %s; pulling the new head", desc, rev)
                 continue
+            legacy.refuse_remote(legacy.in_tree(tmp, desc))  # the README layout: known from the files' schema
             result = _swap_in(tmp, final, desc, rev, prev)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -446,6 +454,7 @@ def push(cfg: dict, root: Path | None = None, *, max_files: int = COMMIT_MAX_FIL
     final = final_dir(root)
     remove_stale_temps(final)
     remote = remote_for(cfg)
+    legacy.refuse_local(root)  # never publish (or publish next to) a dataset of the original tool
     if remote is None:
         result = {"remote": None, "pushed": False,
                   "reason": "no remote configured (set output.hf_repo_id or output.remote_dir to publish)"}
@@ -455,6 +464,7 @@ def push(cfg: dict, root: Path | None = None, *, max_files: int = COMMIT_MAX_FIL
         from .secrets import require_token
 
         require_token(cfg["output"]["hf_repo_id"])  # fail before any work, not after hashing
+    legacy.refuse_remote_dir(remote)
     desc = remote.describe()
     split = split_name(cfg)
     max_retries = int(cfg["output"].get("max_push_retries", 3))
