@@ -3,7 +3,11 @@
 #
 #   snakemake --cores all                              the embedded demo (config/config.yaml), from the repo root
 #   snakemake -s /path/to/Snakefile --directory WORK --configfile CFG --cores all
-#   sniff-qk --config CFG                              the same through the CLI (adds the default profile)
+#   sniff-qk --config CFG                              the same through the CLI (adds --cores and --resources gpu=N)
+#   snakemake --configfile A B ... / sniff-qk --config A B ...   a sweep: every config a member, one DAG
+#
+# Every run gets the project's defaults from the workflow profile profiles/default (a link to
+# workflow/profiles/default), which Snakemake finds next to this file by itself.
 #
 # Paths in the config are relative to the working directory (--directory, else the current one).
 # Every rule makes one file target under the data root (output.data_root) and calls into the
@@ -17,6 +21,9 @@
 #   render_report  report/                               figures of snakemake --report
 #   push_hub       push.json                             one commit of the changed files
 #
+# In a sweep, sniff_chunk runs per member under its member root, the other rules once per data root
+# for the members sharing it (workflow/rules/common.smk, qk_sniffer/sweep.py).
+#
 # Rerunning redoes only missing or outdated targets; one chunk reruns alone when its manifest is
 # named as the target. See workflow/rules/*.smk for what triggers each rule.
 
@@ -25,7 +32,8 @@ import copy
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
-from qk_sniffer.config import ConfigError, validate_config
+from qk_sniffer.config import ConfigError
+from qk_sniffer.sweep import plan_workflow
 
 min_version("9.0")
 
@@ -38,23 +46,24 @@ report: "workflow/report/workflow.rst"
 
 # A config given with --configfile is complete by itself (real-model configs mirror the original
 # tool's format): it replaces the embedded demo config instead of being layered over it, so the
-# demo's dataset files, split name and data root never leak into another run. --config KEY=VALUE
-# overrides still apply on top (they are part of overwrite_config).
-if workflow.overwrite_configfiles:
-    config.clear()
-    config.update(copy.deepcopy(workflow.config_settings.overwrite_config))
-
-# The package's validator first: its messages name the key path and suggest the closest key for
-# a typo, and it fills in every default. Snakemake's validate() then checks the same schema.
+# demo's dataset files, split name and data root never leak into another run. Several --configfile
+# are a sweep: each file is one member (or the members of its `sweep:` list), all run in this one
+# DAG (qk_sniffer/sweep.py places them and refuses two members writing one split). --config
+# KEY=VALUE overrides apply to every member.
+#
+# The package's validator checks every member: its messages name the key path and suggest the
+# closest key for a typo, and it fills in every default. Snakemake's validate() then checks the
+# same schema.
 try:
-    _validated = validate_config(
-        config, source=f"config ({', '.join(map(str, workflow.overwrite_configfiles or workflow.configfiles))})"
+    PLAN = plan_workflow(
+        workflow.overwrite_configfiles, config, workflow.config_settings.config
     )
 except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
+for _member in PLAN.members:
+    validate(_member.cfg, "workflow/schemas/config.schema.yaml")
 config.clear()
-config.update(_validated)
-validate(config, "workflow/schemas/config.schema.yaml")
+config.update(copy.deepcopy(PLAN.members[0].cfg))
 
 
 include: "workflow/rules/common.smk"
@@ -80,8 +89,14 @@ localrules:
 
 rule all:
     input:
-        # push.json always exists after a run: with no remote it records pushed: false
-        root_path("push.json"),
-        # the figures that `snakemake --report report.html` collects
-        rules.render_report.output,
+        # per dataset root: push.json always exists after a run (with no remote it records pushed: false)
+        expand("{root}/push.json", root=DATASET_ROOTS),
+        # and the figures that `snakemake --report report.html` collects
+        expand(rules.render_report.output, root=DATASET_ROOTS),
     default_target: True
+
+
+# Every member has its chunks: the tokens sweep members shared are not needed any more (a failed run
+# keeps them for its rerun).
+onsuccess:
+    clear_shared_tokens()

@@ -167,7 +167,7 @@ def test_workflow_on_slurm_matches_local_run(slurm, tmp_path):
         job_log = log_path.read_text(encoding="utf-8")
         # the batch script's Snakemake hands the rule to `srun`, where a second one runs it
         assert "localrule sniff_chunk:" in job_log, job_log
-        found = set(re.findall(r"wildcards: chunk=(\d+)", job_log))
+        found = set(re.findall(r"wildcards: root=[^,\n]+, chunk=(\d+)", job_log))
         assert len(found) == 1, job_log
         chunks_seen.append(int(found.pop()))
     assert sorted(chunks_seen) == list(range(NUM_CHUNKS))
@@ -213,7 +213,7 @@ def test_workflow_on_slurm_matches_local_run(slurm, tmp_path):
                          timeout=RUN_TIMEOUT, check=False)
     assert res.returncode == 0, describe(res, on_slurm, slurm)
     again = SUBMITTED_RE.findall(res.stdout + res.stderr)
-    assert len(again) == 1 and f"/rule_sniff_chunk/1/{again[0][1]}.log" in again[0][2], again
+    assert len(again) == 1 and f"/rule_sniff_chunk/root_1/{again[0][1]}.log" in again[0][2], again
     assert again[0][1] not in job_ids.values()
     assert slurm.job(again[0][1])["JobState"] == "COMPLETED"
     after = json.loads(manifest.read_text())

@@ -169,7 +169,7 @@ def test_killed_run_resumes_without_redoing_finished_chunks(reference, tmp_path)
     assert sorted(after) == [0, 1, 2]
     assert mtimes(finished.values()) == before  # finished chunks were not recomputed
     out = res.stdout + res.stderr
-    rerun = {int(m) for m in re.findall(r"wildcards: chunk=(\d+)", out)}
+    rerun = {int(m) for m in re.findall(r"wildcards: root=[^,\n]+, chunk=(\d+)", out)}
     assert rerun == {0, 1, 2} - set(finished), out  # exactly the unfinished chunks ran again
 
     assert_same_dataset(root, reference / "root")

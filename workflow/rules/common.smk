@@ -1,40 +1,82 @@
-# Shared values of the rules: the data root, the effective config file and the interpreter.
+# Shared values of the rules: the members and data roots, their effective config files and the interpreter.
 # No rules here; the logic lives in the qk_sniffer package.
 
+import re
 import shlex
 import sys
 from pathlib import Path
 
 from snakemake.settings.types import DeploymentMethod
 
-from qk_sniffer.cli import write_effective_config
-from qk_sniffer.config import chunk_fingerprint, data_root
+from qk_sniffer.sweep import TOKEN_CACHE
+from qk_sniffer.sweep import prepare as prepare_plan
+from qk_sniffer.tokens import clear as clear_tokens
 
 
-# The data root, relative to the working directory unless the config gives an absolute path.
-ROOT = data_root(config).as_posix()
+# PLAN (built by the Snakefile from the config files) places every member: its member root (where its
+# chunks are staged and logged, the output.data_root of its effective config) and its dataset root (the
+# data root whose final/ it is merged into, pulled and pushed; shared by the members publishing to one
+# branch). A single config is one member whose two roots are its data root. Roots are relative to the
+# working directory unless the config gives absolute paths. The rules match them with a {root} wildcard
+# restricted to these paths.
+MEMBER_ROOTS = list(dict.fromkeys(m.root for m in PLAN.members))
+DATASET_ROOTS = list(PLAN.datasets)
 
 
-def root_path(rel):
-    """A path under the data root, as Snakemake wants it (normalised, no leading ./)."""
-    return (Path(ROOT) / rel).as_posix()
+def one_of(paths):
+    """A wildcard constraint matching exactly these paths."""
+    return "|".join(re.escape(p) for p in sorted(paths, key=len, reverse=True))
 
 
-# The validated effective config (after --configfile/--config, defaults filled in) is what the
-# rules hand to `python -m qk_sniffer`. It is rewritten only when its content changes, so its mtime
-# does not churn; it is deliberately not an input of any rule: which rules rerun is decided by
-# the params below (for chunks, the fingerprint of everything that changes their rows).
-CONFIG_FILE = write_effective_config(config).as_posix()
+# The validated effective config of each member (after --configfile/--config, defaults filled in) is
+# what the rules hand to `python -m qk_sniffer`: <member root>/.qk-sniffer/config.yaml. It is rewritten
+# only when its content changes, so its mtime does not churn; it is deliberately not an input of any
+# rule: which rules rerun is decided by the params below (for chunks, the fingerprint of everything
+# that changes their rows). Sweep members also get their shared-tokens sidecar and final/ link here.
+prepare_plan(PLAN)
 
-NUM_CHUNKS = config["workflow"]["num_chunks"]
-CHUNK_MANIFESTS = [root_path(f"staging/chunk-{i}/manifest.json") for i in range(NUM_CHUNKS)]
-CHUNK_FINGERPRINT = chunk_fingerprint(config)
-GPUS_PER_CHUNK = 0 if config["inference"]["device"] == "cpu" else config["workflow"]["gpus_per_chunk"]
-REMOTE = {k: config["output"][k] for k in ("hf_repo_id", "hf_branch", "remote_dir")}
-# What the report waits for besides the card: the push, where the push can change final/ (a remote that
-# moved makes it pull, merge and render again, and the report must show that). With no remote the push only
-# writes push.json, so the report runs beside verify and push.
-REPORT_AFTER_PUSH = [root_path("push.json")] if REMOTE["hf_repo_id"] or REMOTE["remote_dir"] else []
+
+def member_config(wildcards):
+    return PLAN.member(wildcards.root).config_path
+
+
+def member_num_chunks(wildcards):
+    return PLAN.member(wildcards.root).num_chunks
+
+
+def member_fingerprint(wildcards):
+    return PLAN.member(wildcards.root).fingerprint
+
+
+def member_gpus(wildcards):
+    return PLAN.member(wildcards.root).gpus
+
+
+def dataset_config(wildcards):
+    """One config path, or one per member when several share the dataset root (stages then run for all)."""
+    return PLAN.configs(wildcards.root)
+
+
+def dataset_manifests(wildcards):
+    """Every chunk manifest of every member of the dataset root."""
+    return PLAN.manifests(wildcards.root)
+
+
+def dataset_remote(wildcards):
+    return PLAN.remote(wildcards.root)
+
+
+def report_after_push(wildcards):
+    """What the report waits for besides the card: the push, where the push can change final/ (a remote
+    that moved makes it pull, merge and render again, and the report must show that). With no remote
+    the push only writes push.json, so the report runs beside verify and push."""
+    remote = PLAN.remote(wildcards.root)
+    return [f"{wildcards.root}/push.json"] if remote["hf_repo_id"] or remote["remote_dir"] else []
+
+
+def clear_shared_tokens():
+    clear_tokens(Path.cwd() / TOKEN_CACHE)
+
 
 # The conda environment of every rule, used with --use-conda (relative to this directory).
 CONDA_ENV = "../../environment.yml"

@@ -1,4 +1,5 @@
-# pull_hub and push_hub: the remote dataset (output.hf_repo_id or output.remote_dir).
+# pull_hub and push_hub: the remote dataset (output.hf_repo_id or output.remote_dir) of dataset root
+# {root}, once for all the sweep members that share it (see common.smk).
 #
 # When pull_hub runs: it takes every chunk manifest as input, so it reruns whenever chunks
 # produced something new, as late as possible (right before merge_staging), which keeps the
@@ -12,14 +13,16 @@
 
 rule pull_hub:
     input:
-        CHUNK_MANIFESTS,
+        dataset_manifests,
     output:
-        update(root_path("final/.snapshot.json")),
+        update("{root}/final/.snapshot.json"),
     log:
-        root_path("logs/pull_hub.log"),
+        "{root}/logs/pull_hub.log",
     params:
-        config=CONFIG_FILE,
-        remote=REMOTE,
+        config=dataset_config,
+        remote=dataset_remote,
+    wildcard_constraints:
+        root=one_of(DATASET_ROOTS),
     conda:
         CONDA_ENV
     shell:
@@ -28,15 +31,17 @@ rule pull_hub:
 
 rule push_hub:
     input:
-        root_path("final/README.md"),
-        root_path("verify.json"),
+        "{root}/final/README.md",
+        "{root}/verify.json",
     output:
-        root_path("push.json"),
+        "{root}/push.json",
     log:
-        root_path("logs/push_hub.log"),
+        "{root}/logs/push_hub.log",
     params:
-        config=CONFIG_FILE,
-        remote=REMOTE,
+        config=dataset_config,
+        remote=dataset_remote,
+    wildcard_constraints:
+        root=one_of(DATASET_ROOTS),
     conda:
         CONDA_ENV
     shell:

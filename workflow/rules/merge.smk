@@ -1,18 +1,22 @@
 # merge_staging: replay every complete staged chunk into final/ (new rows only; touched files
 # only). Runs after the pull and whenever a chunk manifest is newer than .merged.json.
 # update(): merge reads the previous .merged.json, so Snakemake must not delete it first.
+# Sweep members sharing dataset root {root} are merged one after the other, each followed by its
+# section of the card (qk_sniffer/sweep_stages.py).
 
 
 rule merge_staging:
     input:
-        snapshot=root_path("final/.snapshot.json"),
-        manifests=CHUNK_MANIFESTS,
+        snapshot="{root}/final/.snapshot.json",
+        manifests=dataset_manifests,
     output:
-        update(root_path("final/.merged.json")),
+        update("{root}/final/.merged.json"),
     log:
-        root_path("logs/merge_staging.log"),
+        "{root}/logs/merge_staging.log",
     params:
-        config=CONFIG_FILE,
+        config=dataset_config,
+    wildcard_constraints:
+        root=one_of(DATASET_ROOTS),
     conda:
         CONDA_ENV
     shell:

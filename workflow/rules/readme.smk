@@ -6,13 +6,15 @@
 
 rule render_readme:
     input:
-        root_path("final/.merged.json"),
+        "{root}/final/.merged.json",
     output:
-        update(root_path("final/README.md")),
+        update("{root}/final/README.md"),
     log:
-        root_path("logs/render_readme.log"),
+        "{root}/logs/render_readme.log",
     params:
-        config=CONFIG_FILE,
+        config=dataset_config,
+    wildcard_constraints:
+        root=one_of(DATASET_ROOTS),
     conda:
         CONDA_ENV
     shell:

@@ -1,7 +1,7 @@
 # render_report: the figures and tables that `snakemake --report report.html` collects, drawn from
 # the final dataset (every split under final/data/) and this run's staged chunk manifests.
 # Captions: workflow/report/*.rst. It reads the card's per-split metadata, so it runs after
-# render_readme (and after push_hub where there is a remote: REPORT_AFTER_PUSH in common.smk), and
+# render_readme (and after push_hub where there is a remote: report_after_push in common.smk), and
 # it is part of `rule all`: `snakemake --report` only collects files of jobs in
 # the workflow's graph. It streams one config file at a time (a few seconds on the demo) and
 # writes only under <data_root>/report/, never into final/ (so nothing it draws gets pushed).
@@ -11,14 +11,14 @@
 
 rule render_report:
     input:
-        readme=root_path("final/README.md"),
-        manifests=CHUNK_MANIFESTS,
+        readme="{root}/final/README.md",
+        manifests=dataset_manifests,
         # after the push when there is a remote: a push that finds it moved pulls, merges and renders final/
         # again (with no remote, nothing after the card changes final/: the report runs beside verify and push)
-        pushed=REPORT_AFTER_PUSH,
+        pushed=report_after_push,
     output:
         rows=report(
-            directory(root_path("report/rows_per_bucket")),
+            directory("{root}/report/rows_per_bucket"),
             patterns=["{split}.png"],
             caption="../report/rows_per_bucket.rst",
             category="Sampling",
@@ -26,7 +26,7 @@ rule render_report:
             labels={"split": "{split}"},
         ),
         norms=report(
-            directory(root_path("report/norms")),
+            directory("{root}/report/norms"),
             patterns=["{split}/{vectors}.png"],
             caption="../report/norms.rst",
             category="Vector norms",
@@ -34,7 +34,7 @@ rule render_report:
             labels={"split": "{split}", "vectors": "{vectors}"},
         ),
         heads=report(
-            directory(root_path("report/heads")),
+            directory("{root}/report/heads"),
             patterns=["{split}.png"],
             caption="../report/heads.rst",
             category="Heads",
@@ -42,29 +42,31 @@ rule render_report:
             labels={"split": "{split}"},
         ),
         timings=report(
-            root_path("report/run/chunk_timings.png"),
+            "{root}/report/run/chunk_timings.png",
             caption="../report/chunk_timings.rst",
             category="Run",
             labels={"item": "throughput per chunk"},
         ),
         metadata=report(
-            root_path("report/run/run_metadata.html"),
+            "{root}/report/run/run_metadata.html",
             caption="../report/run_metadata.rst",
             category="Run",
             labels={"item": "model, dataset, sampler"},
         ),
         stats=report(
-            root_path("report/run/stats.json"),
+            "{root}/report/run/stats.json",
             caption="../report/stats.rst",
             category="Run",
             labels={"item": "numbers behind the figures"},
         ),
     log:
-        root_path("logs/render_report.log"),
+        "{root}/logs/render_report.log",
     params:
-        config=CONFIG_FILE,
+        config=dataset_config,
         # <data_root>/report, derived from an output so it follows the outputs wherever they are
         out=lambda wildcards, output: Path(output.rows).parent.as_posix(),
+    wildcard_constraints:
+        root=one_of(DATASET_ROOTS),
     conda:
         CONDA_ENV
     shell:

@@ -1,4 +1,7 @@
-# sniff_chunk: dataset shard {chunk} of workflow.num_chunks through the model.
+# sniff_chunk: dataset shard {chunk} of workflow.num_chunks through the model, for the member whose
+# member root is {root} (a single config: its data root; see common.smk). The chunks of every member of
+# a sweep are jobs of this one rule, scheduled together under --resources gpu=N and under the SLURM
+# profile. Members sharing a dataset and tokenizer share the tokenized shard (qk_sniffer/tokens.py).
 #
 # Reruns when its manifest is missing (a crashed chunk has none: the manifest is written last),
 # or when params.fingerprint changes: it hashes everything that changes the rows a chunk produces
@@ -10,18 +13,19 @@
 
 rule sniff_chunk:
     output:
-        root_path("staging/chunk-{chunk}/manifest.json"),
+        "{root}/staging/chunk-{chunk}/manifest.json",
     log:
-        root_path("logs/sniff_chunk/chunk-{chunk}.log"),
+        "{root}/logs/sniff_chunk/chunk-{chunk}.log",
     params:
-        config=CONFIG_FILE,
-        num_chunks=NUM_CHUNKS,
-        fingerprint=CHUNK_FINGERPRINT,
+        config=member_config,
+        num_chunks=member_num_chunks,
+        fingerprint=member_fingerprint,
     wildcard_constraints:
+        root=one_of(MEMBER_ROOTS),
         chunk=r"\d+",
     threads: 2
     resources:
-        gpu=GPUS_PER_CHUNK,
+        gpu=member_gpus,
     conda:
         CONDA_ENV
     shell:

@@ -6,13 +6,15 @@
 
 rule verify_dataset:
     input:
-        root_path("final/README.md"),
+        "{root}/final/README.md",
     output:
-        root_path("verify.json"),
+        "{root}/verify.json",
     log:
-        root_path("logs/verify_dataset.log"),
+        "{root}/logs/verify_dataset.log",
     params:
-        config=CONFIG_FILE,
+        config=dataset_config,
+    wildcard_constraints:
+        root=one_of(DATASET_ROOTS),
     conda:
         CONDA_ENV
     shell:
