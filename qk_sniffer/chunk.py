@@ -32,6 +32,8 @@ class Capturer:
     0..L-1 and causal attention never lets a real token see the padding after it, so a real token's
     vectors are those of its example run alone, and no [B, 1, L, L] mask is ever built (sliding
     windows, chunks and every other mask feature are built by the model from the positions as usual).
+    The probe proves the model causal first (appending tokens changes no earlier q/k); a model that
+    is not (a BERT-style decoder without ``is_decoder``) gets the padding mask.
     ``padding_side`` is accepted for compatibility and never changes where padding goes.
     """
 
@@ -41,9 +43,27 @@ class Capturer:
         self.input_device = self.backbone.get_input_embeddings().weight.device
         self.sniffer = Sniffer(spec, device=self.input_device)
         self.sniffer.attach(spec.geometry.modules if spec.geometry is not None else {})
+        self.causal = spec.geometry.causal if spec.geometry is not None else True
         self.pad_id = pad_id
         self.padding_side = "right"
         self.autocast_dtype = autocast_dtype
+        self.timing: dict | None = None  # inference.debug_logging: seconds spent per step of the last batch
+
+    def enable_timing(self) -> None:
+        """Time every batch's selection, forward and capture hooks (host time in the hooks; the forward is
+        synchronised with the GPU, one sync per batch)."""
+        self.timing = {"hooks_s": 0.0}
+        for name in ("on_attention", "capture"):
+            setattr(self.sniffer, name, self._timed(getattr(self.sniffer, name)))
+
+    def _timed(self, inner):
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.timing["hooks_s"] += time.perf_counter() - t
+        return timed
 
     def close(self) -> None:
         self.sniffer.remove_hooks()
@@ -58,16 +78,30 @@ class Capturer:
             ids[i, :len(s)] = s
         pos = np.broadcast_to(np.arange(width, dtype=np.int64), ids.shape)
         dev = self.input_device
+        t0 = time.perf_counter()
+        if self.timing is not None:
+            self.timing["hooks_s"] = 0.0
         self.sniffer.begin_batch(example_ids, lengths, offsets, token_ids=ids)
+        t1 = time.perf_counter()
         width_shape = ids.shape
         t_ids, t_pos = (t.view(width_shape) for t in to_device([ids.ravel(), pos.ravel()], dev))
+        extra = {}
+        if not self.causal and int(lengths.min()) < width:
+            # a model that is not causal (the probe's proof failed) gets the padding mask: real tokens
+            # must not see the padding after them
+            mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+            extra["attention_mask"] = torch.from_numpy(mask).to(dev)
         ac = (torch.autocast(device_type=dev.type, dtype=self.autocast_dtype)
               if self.autocast_dtype is not None else nullcontext())
         with self.sniffer, torch.inference_mode(), ac:
             try:
-                self.backbone(input_ids=t_ids, position_ids=t_pos, use_cache=False)
+                self.backbone(input_ids=t_ids, position_ids=t_pos, use_cache=False, **extra)
             except StopForward:
                 pass
+        if self.timing is not None:
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            self.timing.update(select_s=t1 - t0, forward_s=time.perf_counter() - t1)
         batch = self.sniffer.end_batch()
         if batch.missing_layers:
             raise RuntimeError(
@@ -75,6 +109,15 @@ class Capturer:
                 f"{type(self.model).__name__} takes another path for these inputs; capture those layers separately"
             )
         return batch
+
+
+def _log_batch(i: int, n: int, idx, lengths, batch: CapturedBatch, timing: dict, flush_s: float) -> None:
+    """One line of inference.debug_logging: the batch's size and where its time went."""
+    rows = sum(p.size if p.per_head else p.size * len(p.heads) for _, _, p, _, _ in batch.items)
+    ms = {k: 1000 * v for k, v in timing.items()}
+    log.info("batch %d/%d: %d examples, %d tokens (width %d), %d rows; select %.1f ms, forward %.1f ms (capture hooks "
+             "%.1f ms), flush %.1f ms", i + 1, n, len(idx), int(lengths[idx].sum()), int(lengths[idx].max()), rows,
+             ms["select_s"], ms["forward_s"], ms["hooks_s"], 1000 * flush_s)
 
 
 def _versions() -> dict:
@@ -95,21 +138,33 @@ def _progress(total_examples: int):
                 mininterval=0.5 if sys.stderr.isatty() else 10.0)
 
 
-def run_chunk(cfg: dict, chunk: int, num_chunks: int | None = None, root: Path | None = None) -> dict:
-    """Capture shard ``chunk`` into ``staging/chunk-<chunk>/``; write its manifest last."""
+def run_chunk(cfg: dict, chunk: int, num_chunks: int | None = None, root: Path | None = None,
+              token_cache: Path | None = None) -> dict:
+    """Capture shard ``chunk`` into ``staging/chunk-<chunk>/``; write its manifest last.
+
+    ``token_cache``: a folder shared with other sweep members reading the same shard (qk_sniffer.tokens).
+    """
     t0 = time.perf_counter()
     num_chunks = num_chunks or cfg["workflow"]["num_chunks"]
     root = Path(root) if root is not None else data_root(cfg)
+    from .legacy import refuse_local
+
+    refuse_local(root)  # a data root holding the original tool's dataset: refused before any work (sniff-qk migrate)
     split = split_name(cfg)
     out = chunk_dir(root, chunk)
     shard = load_shard(cfg, chunk, num_chunks)
     if shard.total == 0:
         raise ConfigError(f"dataset: split {cfg['dataset']['split']!r} of {cfg['dataset']['path']!r} has no rows")
     tokenizer = load_tokenizer(cfg)
-    if cfg["tokenizer"]["padding"] == "left":
-        log.warning("tokenizer.padding: left is not used: qk-sniffer pads on the right without a padding mask, where "
+    if cfg["tokenizer"]["padding_side"] == "left":
+        log.warning("tokenizer.padding_side: left is not used: qk-sniffer pads on the right without a padding mask, where "
                     "padding never changes a vector (left padding shifts positions in some models' attention)")
-    tok = tokenize_shard(shard, tokenizer, cfg["tokenizer"]["max_length"])
+    if token_cache is not None:
+        from .tokens import tokenize_shared
+
+        tok = tokenize_shared(Path(token_cache), shard, tokenizer, cfg["tokenizer"]["max_length"])
+    else:
+        tok = tokenize_shard(shard, tokenizer, cfg["tokenizer"]["max_length"])
     ident = {"chunk": chunk, "num_chunks": num_chunks, "config_fingerprint": chunk_fingerprint(cfg),
              "example_range": [shard.start, shard.stop], "examples": len(tok.ids)}
     progress = ChunkProgress.open(out, ident, len(tok.ids), split)
@@ -124,12 +179,15 @@ def run_chunk(cfg: dict, chunk: int, num_chunks: int | None = None, root: Path |
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     ac = cfg["inference"]["autocast_dtype"]
-    capturer = Capturer(model, spec, pad_id=pad_id, padding_side=cfg["tokenizer"]["padding"],
-                        autocast_dtype=DTYPES[ac] if ac else None)
+    capturer = Capturer(model, spec, pad_id=pad_id, padding_side=cfg["tokenizer"]["padding_side"],
+                        autocast_dtype=DTYPES[ac] if ac else None)  # float32 was validated into null: no autocast
+    debug_every = cfg["inference"]["debug_log_every_n_batches"] if cfg["inference"]["debug_logging"] else 0
+    if debug_every:
+        capturer.enable_timing()
     token_table = None
     if cfg["capture"]["capture_token_strings"]:
         token_table = [tokenizer.decode([i]) for i in range(len(tokenizer))]
-    n_configs = len(spec.layers) * (len(spec.query_heads) * ("q" in spec.kinds) + len(spec.key_heads) * ("k" in spec.kinds))
+    n_configs = sum(len(spec.heads_for(k, layer)) for layer in spec.layers for k in spec.kinds)
 
     def new_segment() -> Segment:
         path = progress.segment_path()
@@ -161,7 +219,12 @@ def run_chunk(cfg: dict, chunk: int, num_chunks: int | None = None, root: Path |
         for i, idx in enumerate(batches):
             seqs = [tok.ids[j] for j in idx]
             batch = capturer.run_batch(seqs, tok.example_ids[idx])
-            seg.writer.put(batch)
+            t_flush = time.perf_counter()
+            if debug_every:
+                batch.wait()  # the device-to-host copy counts as flush time
+            seg.writer.put(batch)  # waits while the writer is behind
+            if debug_every and (i + 1) % debug_every == 0:
+                _log_batch(i, len(batches), idx, lengths, batch, capturer.timing, time.perf_counter() - t_flush)
             n_tok = int(lengths[idx].sum())
             seg.add(idx, n_tok, len(idx) * int(lengths[idx].max()))
             done += n_tok
@@ -186,7 +249,8 @@ def run_chunk(cfg: dict, chunk: int, num_chunks: int | None = None, root: Path |
     forward_s = t_forward - t_loaded
     if shard.stop == shard.start:
         log.warning("chunk %d of %d is empty (the split has %d rows); recorded with no rows", chunk, num_chunks, shard.total)
-    names = {config_name(layer, h, k, n_layers, n_q) for layer in spec.layers for k in spec.kinds for h in spec.heads_for(k)}
+    names = {config_name(layer, h, k, n_layers, n_q) for layer in spec.layers for k in spec.kinds
+             for h in spec.heads_for(k, layer)}
     manifest = {
         "chunk": chunk,
         "num_chunks": num_chunks,
@@ -219,6 +283,8 @@ def run_chunk(cfg: dict, chunk: int, num_chunks: int | None = None, root: Path |
                                                      if kind in g.recipes and g.recipes[kind].post_transform)
                                         for kind in ("q", "k")},
             "skipped_layers": {str(i): why for i, why in sorted(spec.skipped_layers.items())},
+            # capture.head_sampling: seed, requested and selected counts, and the heads (None: every selected head)
+            "head_sampling": spec.head_sampling,
         },
         "dataset": {k: cfg["dataset"][k] for k in ("path", "name", "split", "text_column", "id_column", "max_samples")},
         "device": str(capturer.input_device),

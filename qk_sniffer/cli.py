@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import REPO_ROOT, ConfigError, chunk_fingerprint, data_root, load_config, split_name
+from .config import REPO_ROOT, ConfigError, chunk_fingerprint, data_root, load_config
 from .layout import CONFIG_RE, atomic_write_text, final_dir
 
 log = logging.getLogger("qk_sniffer")
@@ -55,8 +55,9 @@ RUN_HELP = (
     "run the whole workflow through Snakemake: pull -> sniff-chunk (every chunk) -> merge -> render-readme -> "
     "push, producing <data_root>/push.json. Arguments this command does not know are passed to snakemake as they "
     "are, e.g. --resources gpu=2, --executor slurm, --profile workflow/profiles/slurm, -n (dry run), "
-    "--forcerun pull_hub, a target file. --config is the YAML config here; everything after a lone -- goes to "
-    "snakemake untouched (e.g. -- --config KEY=VALUE)."
+    "--forcerun pull_hub, a target file. --config is the YAML config here; several configs (or a glob) are a "
+    "sweep run as one workflow, as is a config with a sweep: list (README.md, Sweeps). Everything after a lone -- "
+    "goes to snakemake untouched (e.g. -- --config KEY=VALUE)."
 )
 
 VERIFY_HELP = (
@@ -65,6 +66,16 @@ VERIFY_HELP = (
     "sampler), final/README.md's configs against the files, staged chunks against their manifests, and leftover "
     "temporary files. Prints one line per problem; exit status 1 when there is any. --config supplies the sampler "
     "of its split when the dataset records none. The workflow runs it before every push."
+)
+
+MIGRATE_HELP = (
+    "Convert a dataset of the original qk-sniffer tool (columns bucket, example_id, position, vector, sliding_window; "
+    "laid out as data/<split>/lLLhHH{q|k}/data.parquet or as lLLhHH{q|k}/data.parquet at the top of a per-model "
+    "branch) into this project's layout and schema under <data_root>/final/ of --config: layer/head/kind from the "
+    "path, rows sorted by and unique on (example_id, position), the dataset card rendered, and each split's sampling "
+    "recorded as the original tool's (appending captures to it then needs output.allow_mixed_sampling). SOURCE is a "
+    "folder; without it the config's remote is read. Bad input changes nothing; running it again changes nothing. "
+    "The original's files are left as they are: publish the result to another branch or repo."
 )
 
 DRY_FLAGS = {"-n", "--dry-run", "--dryrun", "--lint", "--list", "-l", "--list-rules", "--summary", "-S",
@@ -122,9 +133,14 @@ def write_effective_config(cfg: dict, root: Path | None = None) -> Path:
 # -- argument parsing --------------------------------------------------------------------------
 
 
-def _add_common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
-    p.add_argument("--config", required=config_required, metavar="PATH",
-                   help="YAML config (validated against workflow/schemas/config.schema.yaml; see config/README.md)")
+def _add_common(p: argparse.ArgumentParser, config_required: bool = True, many: bool = False) -> None:
+    if many:  # several configs: the members of a sweep (run), or the members sharing one data root (stages)
+        p.add_argument("--config", required=config_required, metavar="PATH", nargs="+", action="extend",
+                       help="YAML config(s) (validated against workflow/schemas/config.schema.yaml; see "
+                            "config/README.md); several, or a quoted glob, for a sweep (README.md, Sweeps)")
+    else:
+        p.add_argument("--config", required=config_required, metavar="PATH",
+                       help="YAML config (validated against workflow/schemas/config.schema.yaml; see config/README.md)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="log at DEBUG level and show tracebacks (also QK_SNIFFER_DEBUG=1)")
 
@@ -149,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the whole workflow through Snakemake -> <data_root>/push.json",
                          description=textwrap.fill(RUN_HELP, 100), formatter_class=_Formatter)
-    _add_common(run)
+    _add_common(run, many=True)
     run.add_argument("--cores", default=None, metavar="N",
                      help="CPU cores Snakemake may use (default: all, except under a cluster executor, where each "
                           "job's own threads decide)")
@@ -159,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description=textwrap.fill(f"{what[0].upper()}{what[1:]}.", 100)
                            + f"\n\nProduces: {target}",
                            formatter_class=_Formatter)
-        _add_common(p)
+        _add_common(p, many=name != "sniff-chunk")
         if name == "sniff-chunk":
             p.add_argument("--chunk", type=int, required=True, metavar="I", help="index of the shard, 0-based")
             p.add_argument("--num-chunks", type=int, default=None, metavar="N",
@@ -179,7 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the data root to check (default: output.data_root of --config)")
     verify.add_argument("--json", default=None, metavar="PATH",
                         help="also write the report as JSON to PATH (atomically) when the check passes")
-    _add_common(verify, config_required=False)
+    _add_common(verify, config_required=False, many=True)
+    migrate = sub.add_parser(
+        "migrate", help="convert a dataset of the original qk-sniffer tool into this project's format -> "
+                        "<data_root>/final/", description=textwrap.fill(MIGRATE_HELP, 100), formatter_class=_Formatter)
+    migrate.add_argument("source", metavar="SOURCE", nargs="?", default=None,
+                         help="folder holding the original tool's dataset (a download of its repo or branch); "
+                              "default: the config's remote (output.hf_repo_id@hf_branch or output.remote_dir)")
+    _add_common(migrate)
     return parser
 
 
@@ -202,6 +225,12 @@ def _split_run_args(args: list[str]) -> tuple[list[str], list[str]]:
         if tok in ("--config", "--cores"):
             own.extend(args[i:i + 2])
             i += 2
+            # `--config cfgs/*.yaml`: the shell's glob gives one path per config; the YAML files after the first
+            # are configs too (snakemake's targets are the outputs of rules, never YAML files)
+            while tok == "--config" and i < len(args) and args[i].lower().endswith((".yaml", ".yml")) \
+                    and not args[i].startswith("-"):
+                own.append(args[i])
+                i += 1
             continue
         if tok.startswith(("--config=", "--cores=")) or tok in ("--debug", "-h", "--help"):
             own.append(tok)
@@ -233,24 +262,27 @@ def _cluster_executor(extra: list[str]) -> bool:
     return False
 
 
-def snakemake_command(config_path: Path, cfg: dict, *, cores: str | None = None, extra: list[str] | None = None,
-                      workdir: Path | None = None) -> list[str]:
+def snakemake_command(config_path: Path | list[Path], cfg: dict | list[dict], *, cores: str | None = None,
+                      extra: list[str] | None = None, workdir: Path | None = None) -> list[str]:
     """The snakemake invocation ``run`` executes (exposed for tests and for printing with -n).
 
-    ``--cores`` defaults to all local cores, but is left out under a cluster executor: there it
+    Several config paths are the members of a sweep (one ``--configfile`` each; the Snakefile plans them
+    together). ``--cores`` defaults to all local cores, but is left out under a cluster executor: there it
     would cap every submitted job's threads at the submitting host's core count.
     """
+    paths = config_path if isinstance(config_path, list | tuple) else [config_path]
+    cfgs = cfg if isinstance(cfg, list | tuple) else [cfg]
     extra = _resolve_profiles(list(extra or []))
     workdir = Path(workdir) if workdir is not None else Path.cwd()
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--configfile", str(Path(config_path).resolve()),
-           "--directory", str(workdir)]
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--configfile",
+           *(str(Path(p).resolve()) for p in paths), "--directory", str(workdir)]
     if cores is not None or not _cluster_executor(extra):
         cmd += ["--cores", str(cores or "all")]
     user_profile = _has_opt(extra, "--profile", "--workflow-profile")
     if not user_profile and DEFAULT_PROFILE.is_dir():
         cmd += ["--workflow-profile", str(DEFAULT_PROFILE)]
     if not user_profile and not _has_opt(extra, "--resources", "--res", "--executor", "-e"):
-        cmd += ["--resources", f"gpu={_gpu_budget(cfg)}"]
+        cmd += ["--resources", f"gpu={_sweep_gpu_budget(cfgs)}"]
     return cmd + extra
 
 
@@ -286,24 +318,43 @@ def _gpu_budget(cfg: dict) -> int:
     return n
 
 
+def _sweep_gpu_budget(cfgs: list[dict]) -> int:
+    """The ``gpu`` resource of several members: the GPUs this machine shows, or, without any, no limit."""
+    budgets = [_gpu_budget(c) for c in cfgs]  # each also checks gpus_per_chunk against the GPUs found
+    if len(budgets) == 1:
+        return budgets[0]
+    on_gpu = [b for c, b in zip(cfgs, budgets) if _uses_gpu(c)]  # the GPUs found (CPU members hold gpu=0)
+    return max(on_gpu) if on_gpu else sum(budgets)
+
+
+def _uses_gpu(cfg: dict) -> bool:
+    from .gpu import detect_gpus
+
+    return cfg["workflow"]["gpus_per_chunk"] > 0 and cfg["inference"]["device"] != "cpu" and bool(detect_gpus())
+
+
 def _example_config_name(final: Path, split: str) -> str:
     base = final / "data" / split
     names = sorted(p.name for p in base.iterdir() if p.is_dir() and CONFIG_RE.match(p.name)) if base.is_dir() else []
     return names[0] if names else "all"
 
 
-def cmd_run(config: str, cores: str, extra: list[str]) -> int:
-    cfg = load_config(config)
+def cmd_run(configs: list[str], cores: str, extra: list[str]) -> int:
+    from .sweep import config_paths, plan_files
+
+    paths = config_paths(configs)
+    plan = plan_files(paths)  # every member validated, and no two writing one split, before snakemake starts
     if not SNAKEFILE.is_file():
         raise ConfigError(f"the workflow ({SNAKEFILE}) is not next to the package; install qk-sniffer from a "
                           "checkout with `pip install -e .`")
-    cmd = snakemake_command(Path(config), cfg, cores=cores, extra=extra)
+    cmd = snakemake_command([Path(p) for p in paths], [m.cfg for m in plan.members], cores=cores, extra=extra)
     log.info("running: %s", " ".join(cmd))
     rc = subprocess.call(cmd)
-    root = data_root(cfg)
-    root = root if root.is_absolute() else Path.cwd() / root
+    roots = [Path(m.root) if Path(m.root).is_absolute() else Path.cwd() / m.root for m in plan.members]
     if rc != 0:
-        print(f"error: the workflow failed (snakemake exit status {rc}); each rule's log is under {root}/logs/",
+        where = f"{roots[0]}/logs/" if len(roots) == 1 else \
+            "<data root>/logs/ of each member (" + ", ".join(str(r) for r in roots) + ")"
+        print(f"error: the workflow failed (snakemake exit status {rc}); each rule's log is under {where}",
               file=sys.stderr)
         if any((Path.cwd() / ".snakemake" / "locks").glob("*")):
             print("error: if no other run is active in this directory, a killed run left its lock: run the same "
@@ -311,15 +362,20 @@ def cmd_run(config: str, cores: str, extra: list[str]) -> int:
         return rc
     if any(a in DRY_FLAGS for a in extra):
         return 0
+    for dataset, members in plan.datasets.items():
+        root = Path(dataset) if Path(dataset).is_absolute() else Path.cwd() / dataset
+        _print_dataset(root, [m.split for m in members])
+    return 0
+
+
+def _print_dataset(root: Path, splits: list[str]) -> None:
+    """Where a finished dataset is, where it was pushed, and a load_dataset line for each of its splits."""
     final = final_dir(root)
-    split = split_name(cfg)
     if not (final / "README.md").is_file():
-        return 0
-    name = _example_config_name(final, split)
-    print(f"dataset: {final} (split {split!r})")
-    push = root / "push.json"
+        return
+    print(f"dataset: {final} (split{'s' if len(splits) > 1 else ''} {', '.join(map(repr, splits))})")
     try:
-        pushed = json.loads(push.read_text(encoding="utf-8"))
+        pushed = json.loads((root / "push.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         pushed = {}
     if pushed.get("pushed"):
@@ -327,8 +383,9 @@ def cmd_run(config: str, cores: str, extra: list[str]) -> int:
         if where:
             print(f"pushed to: {where}")
     print("load it with:")
-    print(f"  datasets.load_dataset({json.dumps(str(final))}, {json.dumps(name)}, split={json.dumps(split)})")
-    return 0
+    for split in splits:
+        name = _example_config_name(final, split)
+        print(f"  datasets.load_dataset({json.dumps(str(final))}, {json.dumps(name)}, split={json.dumps(split)})")
 
 
 def cmd_sniff_chunk(config: str, chunk: int, num_chunks: int | None, threads: int | None,
@@ -362,8 +419,10 @@ def cmd_sniff_chunk(config: str, chunk: int, num_chunks: int | None, threads: in
 
             torch.set_num_threads(threads)
         from .chunk import run_chunk
+        from .tokens import cache_for
 
-        manifest = run_chunk(cfg, chunk, n)
+        # a sweep member sharing its dataset and tokenizer with others: tokens shared through a cache
+        manifest = run_chunk(cfg, chunk, n, token_cache=cache_for(config))
     rows = sum(manifest["rows"].values())
     log.info("chunk %d of %d: %d examples, %d tokens, %d rows in %d files on %s (%.1fs)", chunk, n,
              manifest["examples"], manifest["tokens"], rows, len(manifest["files"]), manifest["device"],
@@ -371,11 +430,20 @@ def cmd_sniff_chunk(config: str, chunk: int, num_chunks: int | None, threads: in
     return 0
 
 
-def cmd_verify(data_root: str, config: str | None, json_path: str | None = None) -> int:
+def cmd_verify(data_root: str, config: str | list[str] | None, json_path: str | None = None) -> int:
     from .layout import atomic_write_json
     from .verify import verify
 
-    cfg = load_config(config) if config else None
+    configs = [config] if isinstance(config, str) else list(config or [])
+    if len(configs) > 1 and data_root is None:  # the members of a sweep sharing one data root
+        from .sweep_stages import verify_all
+
+        report = verify_all([load_config(c) for c in configs])
+        print(report.format())
+        if report.ok and json_path:
+            atomic_write_json(Path(json_path), {"ok": True, "checked": report.checked, "warnings": report.warnings})
+        return 0 if report.ok else 1
+    cfg = load_config(configs[0]) if configs else None
     if data_root is None:
         if cfg is None:
             raise ConfigError("verify: give DATA_ROOT or --config (whose output.data_root is checked)")
@@ -389,8 +457,16 @@ def cmd_verify(data_root: str, config: str | None, json_path: str | None = None)
     return 0 if report.ok else 1
 
 
-def cmd_stage(name: str, config: str) -> int:
-    cfg = load_config(config)
+def cmd_stage(name: str, config: str | list[str]) -> int:
+    configs = [config] if isinstance(config, str) else list(config)
+    if len(configs) > 1:  # the members of a sweep sharing one data root: the stage once for all of them
+        from . import sweep_stages
+
+        cfgs = [load_config(c) for c in configs]
+        {"pull": sweep_stages.pull_all, "merge": sweep_stages.merge_all, "render-readme": sweep_stages.render_all,
+         "push": sweep_stages.push_all}[name](cfgs)
+        return 0
+    cfg = load_config(configs[0])
     if name == "pull":
         from .remote import pull
 
@@ -428,10 +504,20 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> int:
         return cmd_sniff_chunk(args.config, args.chunk, args.num_chunks, args.threads, args.fingerprint)
     if args.command == "verify":
         return cmd_verify(args.data_root, args.config, args.json)
+    if args.command == "migrate":
+        from .migrate import cmd_migrate
+
+        return cmd_migrate(args.config, args.source)
     if args.command == "report":
         from .report import report_main
 
-        report_main(load_config(args.config), args.out)
+        configs = [args.config] if isinstance(args.config, str) else args.config
+        if len(configs) > 1:
+            from .sweep_stages import report_all
+
+            report_all([load_config(c) for c in configs], args.out)
+            return 0
+        report_main(load_config(configs[0]), args.out)
         return 0
     return cmd_stage(args.command, args.config)
 
@@ -445,12 +531,12 @@ def main(argv: list[str] | None = None) -> int:
     # `sniff-qk [--debug] --config X ...` (no command) is `run`, as in the original tool
     lead = [a for a in argv[:1] if a == "--debug"]
     body = argv[len(lead):]
-    commands = {"run", "verify", *STAGES}
+    commands = {"run", "verify", "migrate", *STAGES}
     extra: list[str] = []
     if body and body[0] not in commands and not body[0].startswith("-"):
         guess = difflib.get_close_matches(body[0].replace("_", "-"), sorted(commands), n=1)
         hint = f" Did you mean '{guess[0]}'?" if guess else ""
-        names = ', '.join(['run', 'verify', *STAGES])
+        names = ', '.join(['run', 'verify', 'migrate', *STAGES])
         print(f"error: unknown command '{body[0]}'.{hint} Commands: {names}.", file=sys.stderr)
         return 2
     if body and body[0] not in commands and body[0] not in ("-h", "--help", "--version"):

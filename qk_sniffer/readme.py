@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from . import legacy
 from .config import data_root, sampling_settings, split_name
 from .layout import CONFIG_RE, atomic_write_text, final_dir, parse_config_name, remove_stale_temps
 from .merge import MERGED_NAME, bucket_counts, final_configs
@@ -189,9 +190,12 @@ def split_meta(cfg: dict, final: Path, split: str, configs: list[str], previous:
                                                    "num_layers", "num_heads", "num_kv_heads", "head_dim")}
         meta["dataset"] = run.get("dataset")
         meta["layer_windows"] = model.get("layer_windows")
-        for key in ("layer_attention", "rope_layers", "rope_unknown_layers", "post_rotation_transform", "skipped_layers"):
+        for key in ("layer_attention", "rope_layers", "rope_unknown_layers", "post_rotation_transform", "skipped_layers",
+                    "head_sampling"):
             if model.get(key) is not None:
                 meta[key] = model[key]
+        if model.get("head_sampling") is None:  # this run captured every selected head
+            meta.pop("head_sampling", None)
         meta["sampling"] = merged.get("sampling") or run.get("sampling")
         mixed = merged.get("mixed_sampling")
         if mixed:
@@ -221,6 +225,8 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def _positions(bucket: int, sampling: dict) -> str:
+    if sampling.get("type") not in ("log_uniform", "uniform", "all"):
+        return "-"  # not this project's sampler (rows migrated from the original tool): its buckets are not known
     s = int(sampling.get("min_bucket_size") or 1)
     if sampling.get("type") == "log_uniform":
         p0 = log_uniform_floor(s)
@@ -276,6 +282,11 @@ def _split_body(split: str, meta: dict, configs: list[str], repo: str, groups: d
     if meta.get("skipped_layers"):
         out.append("| Layers not captured | " + "; ".join(f"layer {i}: {why}" for i, why in meta["skipped_layers"].items())
                    + " |")
+    hs = meta.get("head_sampling")
+    if hs:
+        out.append(f"| Head sampling | seed `{hs.get('seed')}`: {hs.get('selected')} of {hs.get('candidates')} (layer, query "
+                   f"head) pairs ({hs.get('requested')} requested): "
+                   + ", ".join(f"l{p[0]}h{p[1]}" for p in hs.get("query_heads") or []) + " |")
     out += [f"| Rows | {meta.get('rows_total', 0):,} |", f"| Updated | {meta.get('updated_at', '-')} |", ""]
     if meta.get("previous_sampling"):
         out += ["Warning: rows of this split were also captured with other sampling settings: "
@@ -401,6 +412,7 @@ def render_readme(cfg: dict, root: Path | None = None) -> Path:
     """Render ``final/README.md`` (atomically, untouched when unchanged) and copy it to ``output.readme_path``."""
     root = Path(root) if root is not None else data_root(cfg)
     final = final_dir(root)
+    legacy.refuse_local(root)  # a card listing the original tool's files would publish them as this project's
     final.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(final)
     readme = final / "README.md"

@@ -17,6 +17,9 @@ group at most per file):
   is a warning;
 - no leftover temporary or hidden files under ``final/``.
 
+A data root (or its ``final/``) holding a dataset of the original tool (:mod:`qk_sniffer.legacy`) is one problem,
+and nothing else is checked. A split migrated from it (``sniff-qk migrate``) has no sampler to check its rows against.
+
 The sampler of a split is the one recorded in ``final/README.md`` (``qk_sniffer.splits.<split>.sampling``,
 plus ``previous_sampling`` when rows were appended with other settings), else ``final/.merged.json``,
 else the config passed in (for its own split). Without any, bucket and selection checks are skipped
@@ -41,6 +44,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .layout import CONFIG_RE, final_dir, staging_dir
+from .legacy import is_original_sampling, local_problem
 from .parquet import KEYS, matches_summary, offset_map, read_footer
 from .sampling import KIND_CODE, MASK64, SHARED_HEAD, SamplerSpec, bucket_of, keep_probability, mix, mix_int, u_array
 from .writer import row_schema
@@ -56,6 +60,7 @@ BATCH_ROWS = 65536
 # record batch (pyarrow's default pre-buffers every row group it is asked for)
 STREAM = {"pre_buffer": False, "buffer_size": 1 << 20}
 NAMED = 3  # file names or keys quoted per problem line
+ORIGINAL_ROWS = "it holds rows migrated from the original qk-sniffer tool, whose sampler was not recorded"
 REBUILD = ("rebuild it: delete it and rerun the chunks that produced it, then merge (or pull it from the remote "
            "again after deleting final/.snapshot.json)")
 
@@ -186,6 +191,10 @@ class _Verifier:
             self.problem(str(self.root), "is not a directory; pass a data root (output.data_root, default "
                                          "data/<name>)")
             return self.report
+        original = local_problem(self.root)  # a dataset of the original tool: one line, not one per file
+        if original is not None:
+            self.report.problems.append(original)
+            return self.report
         if not self.final.is_dir() and not staging_dir(self.root).is_dir():
             self.problem(str(self.root), "has neither final/ nor staging/: it is not a data root (or nothing ran "
                                          "yet); pass output.data_root of the config")
@@ -302,6 +311,8 @@ class _Verifier:
         meta = self._split_meta(split)
         if isinstance(meta, dict) and meta.get("sampling"):
             recs = [meta["sampling"], *(meta.get("previous_sampling") or [])]
+            if any(is_original_sampling(rec) for rec in recs):
+                return None, ORIGINAL_ROWS
             for rec in recs:
                 try:
                     specs.append(_spec(rec if isinstance(rec, dict) else {}))
@@ -316,6 +327,8 @@ class _Verifier:
                 return None, (".merged.json records that rows were appended with other sampling settings but "
                               "final/README.md records no history of them")
             recs = [merged["sampling"]] + ([mixed.get("recorded")] if isinstance(mixed, dict) else [])
+            if any(is_original_sampling(rec) for rec in recs):
+                return None, ORIGINAL_ROWS
             for rec in recs:
                 try:
                     specs.append(_spec(rec if isinstance(rec, dict) else {}))
@@ -841,3 +854,11 @@ def verify(root: Path, *, cfg: dict | None = None, sample_rows: int | None = SAM
     ``sample_rows`` bounds the rows per file whose sampling decision is recomputed (None: all rows).
     """
     return _Verifier(Path(root), cfg, sample_rows).run()
+
+
+def verify_staging(root: Path, *, cfg: dict | None = None) -> VerifyReport:
+    """Check only the staged chunks under ``root/staging`` against their manifests (a sweep member's own staging,
+    whose ``final/`` is its dataset root's and is checked once there)."""
+    checker = _Verifier(Path(root), cfg, SAMPLE_ROWS)
+    checker._check_staging()
+    return checker.report
