@@ -125,7 +125,7 @@ class Forward:
         self.plain = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa",
                                                           dtype=DTYPES[dtype]).to(self.device).eval()
         self.plain_backbone = backbone_of(self.plain)
-        # the capture run stops after the last captured layer's attention (DESIGN.md section 5); the
+        # the capture run stops after the last captured layer's attention (README.md, "How capture works"); the
         # same-depth baseline stops the plain model there too, so the ratio is the capture's own cost
         self._stop_plain = False
         last = attention_modules(self.plain_backbone)[max(spec.layers)]

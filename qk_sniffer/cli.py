@@ -3,7 +3,7 @@
 ``sniff-qk --config CONFIG`` is ``sniff-qk run --config CONFIG``: it runs the Snakemake workflow
 (pull -> sniff every chunk -> merge -> render the dataset card -> push). The stage commands are
 what the workflow's rules call; each reads the same YAML config and produces one file target
-under the data root (DESIGN.md section 2).
+under the data root (README.md, "What you get").
 """
 
 from __future__ import annotations

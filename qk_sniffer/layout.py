@@ -1,4 +1,4 @@
-"""Paths and names of the data root (DESIGN.md sections 2 and 3)."""
+"""Paths and names of the data root (README.md, "What you get")."""
 
 from __future__ import annotations
 

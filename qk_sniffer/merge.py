@@ -1,4 +1,4 @@
-"""``merge-staging``: replay staged chunks into ``final/`` (DESIGN.md section 6).
+"""``merge-staging``: replay staged chunks into ``final/`` (README.md, "What you get": how a merge appends).
 
 Per ``(split, config)`` the final file and the staged chunk files are unioned on
 ``(example_id, position)``; rows already in ``final/`` win, and staged rows whose key exists with

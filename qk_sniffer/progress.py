@@ -8,7 +8,7 @@ finds the journal, checks it (same config fingerprint, chunk, examples; every li
 with its recorded row count), deletes whatever no journal entry names (the segment the kill cut
 short) and runs only the examples no listed segment holds.
 
-Which tokens are kept is a pure function of their coordinates (DESIGN.md section 4), and the
+Which tokens are kept is a pure function of their coordinates (config/README.md, capture), and the
 remaining examples are batched exactly as the tail of an uninterrupted run's length-sorted batch
 order, so a resumed chunk holds the same rows as one that was never killed, computed in the same
 batches (within one process, bit for bit).

@@ -1,4 +1,4 @@
-"""``render-readme``: the dataset card (DESIGN.md sections 2, 3 and 6; HUB_NOTES.md).
+"""``render-readme``: the dataset card (README.md: "What you get" and "Hub").
 
 The front matter's ``configs:`` lists every concrete config found under
 ``final/data/<split>/<config>/data.parquet`` and the aggregates ``all`` (default), ``all_q``,

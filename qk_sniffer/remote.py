@@ -1,4 +1,4 @@
-"""Remotes and the ``pull-hub`` / ``push-hub`` stages (DESIGN.md sections 2 and 6).
+"""Remotes and the ``pull-hub`` / ``push-hub`` stages (README.md, "Hub").
 
 A remote holds the published dataset (the tree of ``final/``) as a sequence of revisions. Two
 kinds exist: the Hugging Face Hub (``output.hf_repo_id``, :class:`qk_sniffer.hub.HubRemote`) and

@@ -1,10 +1,10 @@
 """``report``: statistics of the final dataset and the figures of the workflow report and the dataset card.
 
-Everything is computed from ``final/data/<split>/<config>/data.parquet`` (DESIGN.md section 3),
+Everything is computed from ``final/data/<split>/<config>/data.parquet`` (README.md, "What you get"),
 one config file at a time and one record batch at a time, so memory stays bounded by a batch
 plus a few small per-split tables, whatever the size of the dataset:
 
-- rows per position bucket, checked against what the sampler (DESIGN.md section 4) should give:
+- rows per position bucket, checked against what the sampler (config/README.md, capture) should give:
   an example whose rows reach beyond bucket ``b`` (in any config of the split) certainly
   contains all of ``b``'s positions, so each of its configs holds ``width(b) * p(b)`` rows of
   ``b`` on average. The decision for a token depends only on its own coordinates, so choosing
@@ -189,7 +189,7 @@ def _damaged(path: Path, exc: BaseException) -> ReportError:
 
 
 def bucket_bounds(buckets, sampling: dict) -> tuple[np.ndarray, np.ndarray]:
-    """First and last position of each bucket (inclusive) under ``sampling`` (DESIGN.md section 4)."""
+    """First and last position of each bucket (inclusive) under ``sampling`` (config/README.md, capture)."""
     b = np.asarray(buckets, dtype=np.int64)
     s = int(sampling.get("min_bucket_size") or 1)
     if sampling.get("type") == "log_uniform":

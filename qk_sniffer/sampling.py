@@ -1,4 +1,4 @@
-"""The frozen sampling function (DESIGN.md section 4) and per-batch selection plans.
+"""The frozen sampling function (config/README.md, capture: the sampler's formulas) and per-batch selection plans.
 
 Do not change ``mix``, ``token_u``, ``bucket_of`` or ``keep_probability``: they decide which
 tokens a rerun adds to a published dataset. ``tests/test_sampling.py`` pins golden values.

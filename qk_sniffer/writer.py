@@ -18,7 +18,7 @@ _DONE = object()
 
 
 def row_schema(head_dim: int, vector_dtype: str = "float32", token_strings: bool = False) -> pa.Schema:
-    """The dataset schema (DESIGN.md section 3)."""
+    """The dataset schema (README.md, "What you get")."""
     value = pa.float16() if vector_dtype == "float16" else pa.float32()
     fields = [
         pa.field("bucket", pa.int32(), nullable=False),

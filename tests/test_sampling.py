@@ -19,7 +19,7 @@ from qk_sniffer.sampling import (
     token_u,
 )
 
-# (seed, example_id, layer, head, kind, position) -> u, computed once from DESIGN.md section 4
+# (seed, example_id, layer, head, kind, position) -> u, computed once from the formulas in config/README.md (capture)
 # with a from-scratch implementation of the spec. Never edit these: they pin published data.
 GOLDEN_U = [
     ((0, 0, 0, MASK64, 0, 0), 0.3165392873336249),
