@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import transformers
 from transformers.models.cohere import modeling_cohere
@@ -284,3 +285,17 @@ def reference_qk(model, ids, mask, pos) -> dict[int, RefQK]:
             q_pre, k_pre, q, k = (t.contiguous() for t in family(m, x, pe, p))
             out[layer] = RefQK(q=q, k=k, q_pre=q_pre, k_pre=k_pre)
     return out
+
+
+def padded_batch(tokenizer, texts, padding_side):
+    """(seqs, lengths, offsets, ids, mask, positions) of ``texts`` padded on ``padding_side`` as transformers pads."""
+    seqs = [np.asarray(tokenizer(t)["input_ids"]) for t in texts]
+    lengths = np.array([len(s) for s in seqs])
+    width = lengths.max()
+    ids = np.full((len(seqs), width), tokenizer.pad_token_id)
+    mask = np.zeros_like(ids)
+    offs = width - lengths if padding_side == "left" else np.zeros_like(lengths)
+    for i, (s, o) in enumerate(zip(seqs, offs)):
+        ids[i, o: o + len(s)] = s
+        mask[i, o: o + len(s)] = 1
+    return seqs, lengths, offs, ids, mask, np.clip(np.cumsum(mask, 1) - 1, 0, None)

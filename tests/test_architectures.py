@@ -23,7 +23,7 @@ from qk_sniffer.chunk import Capturer
 from qk_sniffer.config import ConfigError
 from qk_sniffer.modeling import load_model, resolve_capture
 
-from .reference_qk import load_reference, reference_qk, run_decoder, self_attention_modules, text_decoder
+from .reference_qk import load_reference, padded_batch, reference_qk, run_decoder, self_attention_modules, text_decoder
 
 # every family here must be captured exactly (DiffLlama and Bloom have tests of their own)
 FAMILIES = ["nanochat", "phi", "deepseek_v3", "llama4", "stablelm", "gemma2", "gpt_oss", "gpt2", "gpt_neox",
@@ -45,19 +45,6 @@ TOL = 1e-5  # float32: |captured - reference| <= TOL * (1 + |reference|)
 def _reference_model(model_dir: str):
     """An uninstrumented copy of the checkpoint (its own class, default attention), loaded once."""
     return load_reference(model_dir)
-
-
-def _batch(tok, texts, padding_side):
-    seqs = [np.asarray(tok(t)["input_ids"]) for t in texts]
-    lengths = np.array([len(s) for s in seqs])
-    width = lengths.max()
-    ids = np.full((len(seqs), width), tok.pad_token_id)
-    mask = np.zeros_like(ids)
-    offs = width - lengths if padding_side == "left" else np.zeros_like(lengths)
-    for i, (s, o) in enumerate(zip(seqs, offs)):
-        ids[i, o: o + len(s)] = s
-        mask[i, o: o + len(s)] = 1
-    return seqs, lengths, offs, ids, mask, np.clip(np.cumsum(mask, 1) - 1, 0, None)
 
 
 def _config(make_config, model_dir, pre_rope=False, **capture):
@@ -149,7 +136,7 @@ def test_reference_is_what_attention_receives(tiny_models, arch):
     """The reference's post-RoPE q/k equal, bit for bit, what the model hands its attention function."""
     model_dir = tiny_models(arch)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    *_, ids, mask, pos = _batch(tok, TEXTS, "left")
+    *_, ids, mask, pos = padded_batch(tok, TEXTS, "left")
     ref = reference_qk(_reference_model(str(model_dir)), ids, mask, pos)
     inner = text_decoder(_reference_model(str(model_dir))).config._attn_implementation
     name = f"qk_reference_recorder_{inner}"
@@ -180,7 +167,7 @@ def test_reference_is_what_attention_receives(tiny_models, arch):
 def test_captured_vectors_equal_reference(tiny_models, make_config, arch, pre_rope):
     model_dir = tiny_models(arch)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    seqs, lengths, _offs, ids, mask, pos = _batch(tok, TEXTS, "right")
+    seqs, lengths, _offs, ids, mask, pos = padded_batch(tok, TEXTS, "right")
     ref = reference_qk(_reference_model(str(model_dir)), ids, mask, pos)
     model, spec, (batch,) = _capture(_config(make_config, model_dir, pre_rope), [(seqs, EXAMPLE_IDS)])
     # every self-attention layer, and only those (Mllama's cross-attention layers have no q/k of the text)
@@ -219,7 +206,7 @@ def test_padding_never_changes_stored_vectors(tiny_models, make_config, arch, pr
     """A batch of 5, left- or right-padded, stores the vectors each example gets alone."""
     model_dir = tiny_models(arch)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    seqs, *_ = _batch(tok, TEXTS, "right")
+    seqs, *_ = padded_batch(tok, TEXTS, "right")
     cfg = _config(make_config, model_dir, pre_rope)
     *_, alone = _capture(cfg, [([s], [e]) for s, e in zip(seqs, EXAMPLE_IDS)])
     alone = _keyed(alone)
@@ -242,7 +229,7 @@ def test_llama4_left_padding_changes_transformers_own_queries(tiny_models):
     nope = [i for i, m in self_attention_modules(text_decoder(model)).items() if not m.use_rope]
     assert nope and model.config.attn_temperature_tuning
     tok = AutoTokenizer.from_pretrained(model_dir)
-    seqs, lengths, offs, ids, mask, pos = _batch(tok, TEXTS, "left")
+    seqs, lengths, offs, ids, mask, pos = padded_batch(tok, TEXTS, "left")
     batched = reference_qk(model, ids, mask, pos)
     for row, (s, off) in enumerate(zip(seqs, offs)):
         one = reference_qk(model, s[None], np.ones((1, len(s)), int), np.arange(len(s))[None])
@@ -268,7 +255,7 @@ def test_mllama_cross_attention_layers_are_not_captured(tiny_models, make_config
 
     # asking for a cross-attention layer is a config error, raised before the forward of any real batch
     tok = AutoTokenizer.from_pretrained(model_dir)
-    seqs, *_ = _batch(tok, TEXTS[:2], "right")
+    seqs, *_ = padded_batch(tok, TEXTS[:2], "right")
     for layers in ([cross[0]], [0, cross[0]]):
         cfg = _config(make_config, model_dir, layers=layers)
         model = load_model(cfg, torch.device("cpu"))
@@ -298,7 +285,7 @@ def test_diffllama_is_refused_or_captured_once(tiny_models, make_config, pre_rop
     """DiffLlama calls the attention function twice per layer: refuse it, or store every key once."""
     model_dir = tiny_models("diffllama")
     tok = AutoTokenizer.from_pretrained(model_dir)
-    seqs, lengths, _offs, ids, mask, pos = _batch(tok, TEXTS, "right")
+    seqs, lengths, _offs, ids, mask, pos = padded_batch(tok, TEXTS, "right")
     try:
         _model, spec, (batch,) = _capture(_config(make_config, model_dir, pre_rope), [(seqs, EXAMPLE_IDS)])
     except UnsupportedModelError as exc:
@@ -319,6 +306,6 @@ def test_model_bypassing_attention_interface_is_refused(tiny_models, make_config
     bloom.save_pretrained(tmp_path / "bloom")
     tok.save_pretrained(tmp_path / "bloom")
     cfg = _config(make_config, tmp_path / "bloom")
-    seqs, *_ = _batch(tok, TEXTS[:2], "right")
+    seqs, *_ = padded_batch(tok, TEXTS[:2], "right")
     with pytest.raises(UnsupportedModelError, match="Bloom"):
         _capture(cfg, [(seqs, [0, 1])])

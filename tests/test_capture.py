@@ -19,6 +19,7 @@ from qk_sniffer.chunk import Capturer
 from qk_sniffer.modeling import attention_modules, backbone_of, layer_windows, load_model, resolve_capture
 
 from .conftest import TINY_LLAMA
+from .reference_qk import padded_batch
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog, again and again, until the dog wakes up.",
@@ -77,20 +78,6 @@ def reference_qk(model_dir, ids, mask, pos, pre_rope):
     return out, ref
 
 
-def _batch(tokenizer, texts, padding_side):
-    seqs = [np.asarray(tokenizer(t)["input_ids"]) for t in texts]
-    lengths = np.array([len(s) for s in seqs])
-    width = lengths.max()
-    ids = np.full((len(seqs), width), tokenizer.pad_token_id)
-    mask = np.zeros_like(ids)
-    offs = width - lengths if padding_side == "left" else np.zeros_like(lengths)
-    for i, (s, o) in enumerate(zip(seqs, offs)):
-        ids[i, o : o + len(s)] = s
-        mask[i, o : o + len(s)] = 1
-    pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
-    return seqs, lengths, offs, ids, mask, pos
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3", "mistral", "olmo2"])
 @pytest.mark.parametrize("pre_rope", [False, True])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
@@ -101,7 +88,7 @@ def test_captured_vectors_equal_independent_qk(tiny_models, make_config, arch, p
         capture={"capture_pre_rope": pre_rope, "sampler": {"type": "all"}, "min_bucket_size": 4},
     )
     tok = AutoTokenizer.from_pretrained(model_dir)
-    seqs, lengths, offs, ids, mask, pos = _batch(tok, TEXTS, padding_side)
+    seqs, lengths, offs, ids, mask, pos = padded_batch(tok, TEXTS, padding_side)
     model = load_model(cfg, torch.device("cpu"))
     spec = resolve_capture(cfg, model)
     capturer = Capturer(model, spec, pad_id=tok.pad_token_id, padding_side=padding_side)
@@ -143,7 +130,7 @@ def test_gemma3_window_shorter_than_sequence_changes_later_layers(tiny_models, m
                  "sampler": {"type": "all"}},
     )
     tok = AutoTokenizer.from_pretrained(model_dir)
-    seqs, lengths, offs, ids, mask, pos = _batch(tok, TEXTS[:1], "right")
+    seqs, lengths, offs, ids, mask, pos = padded_batch(tok, TEXTS[:1], "right")
     assert lengths[0] > 4 * 3  # window of 4, sequence much longer
     model = load_model(cfg, torch.device("cpu"))
     capturer = Capturer(model, resolve_capture(cfg, model), pad_id=tok.pad_token_id)
