@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -15,7 +16,8 @@ import torch
 
 from . import __version__
 from .capture import CapturedBatch, Sniffer, StopForward, to_device
-from .config import ConfigError, chunk_fingerprint, data_root, sampling_settings, split_name
+from .chunk_plan import ChunkSpec, plan_chunk
+from .config import ConfigError, chunk_fingerprint, data_root, fingerprint_inputs, sampling_settings, split_name
 from .data import length_sorted_batches, load_shard, tokenize_shard
 from .layout import atomic_write_json, chunk_dir, config_name, manifest_path
 from .modeling import DTYPES, backbone_of, load_model, load_tokenizer, pick_device, resolve_capture
@@ -138,21 +140,29 @@ def _progress(total_examples: int):
                 mininterval=0.5 if sys.stderr.isatty() else 10.0)
 
 
-def run_chunk(cfg: dict, chunk: int, num_chunks: int | None = None, root: Path | None = None,
+def run_chunk(cfg: dict, chunk: int, plan: ChunkSpec | None = None, root: Path | None = None,
               token_cache: Path | None = None) -> dict:
-    """Capture shard ``chunk`` into ``staging/chunk-<chunk>/``; write its manifest last.
+    """Capture chunk ``chunk`` into ``staging/chunk-<chunk>/``; write its manifest last.
 
-    ``token_cache``: a folder shared with other sweep members reading the same shard (qk_sniffer.tokens).
+    ``plan``: the chunk's examples and fingerprint as the workflow planned them (its plan file); without it the
+    plan is made here from the data root's records (:func:`qk_sniffer.chunk_plan.plan_chunk`).
+    ``token_cache``: a folder shared with other sweep members reading the same examples (qk_sniffer.tokens).
     """
     t0 = time.perf_counter()
-    num_chunks = num_chunks or cfg["workflow"]["num_chunks"]
     root = Path(root) if root is not None else data_root(cfg)
     from .legacy import refuse_local
 
     refuse_local(root)  # a data root holding the original tool's dataset: refused before any work (sniff-qk migrate)
     split = split_name(cfg)
     out = chunk_dir(root, chunk)
-    shard = load_shard(cfg, chunk, num_chunks)
+    if plan is None:
+        plan = plan_chunk(cfg, chunk, root)
+    elif plan.chunk != chunk or plan.fingerprint != chunk_fingerprint(cfg):
+        raise ConfigError(
+            f"chunk {chunk}: its plan (chunk {plan.chunk}, fingerprint {plan.fingerprint}) does not match the config "
+            f"(fingerprint {chunk_fingerprint(cfg)}): the config changed while the workflow ran (or two runs with "
+            "different configs share one data root); rerun snakemake")
+    shard = load_shard(cfg, chunk, plan.start, plan.stop)
     if shard.total == 0:
         raise ConfigError(f"dataset: split {cfg['dataset']['split']!r} of {cfg['dataset']['path']!r} has no rows")
     tokenizer = load_tokenizer(cfg)
@@ -165,7 +175,7 @@ def run_chunk(cfg: dict, chunk: int, num_chunks: int | None = None, root: Path |
         tok = tokenize_shared(Path(token_cache), shard, tokenizer, cfg["tokenizer"]["max_length"])
     else:
         tok = tokenize_shard(shard, tokenizer, cfg["tokenizer"]["max_length"])
-    ident = {"chunk": chunk, "num_chunks": num_chunks, "config_fingerprint": chunk_fingerprint(cfg),
+    ident = {"chunk": chunk, "config_fingerprint": chunk_fingerprint(cfg),
              "example_range": [shard.start, shard.stop], "examples": len(tok.ids)}
     progress = ChunkProgress.open(out, ident, len(tok.ids), split)
     if progress.resumed:
@@ -248,14 +258,14 @@ def run_chunk(cfg: dict, chunk: int, num_chunks: int | None = None, root: Path |
     t_done = time.perf_counter()
     forward_s = t_forward - t_loaded
     if shard.stop == shard.start:
-        log.warning("chunk %d of %d is empty (the split has %d rows); recorded with no rows", chunk, num_chunks, shard.total)
+        log.warning("chunk %d is empty (the split has %s rows); recorded with no rows", chunk, shard.total)
     names = {config_name(layer, h, k, n_layers, n_q) for layer in spec.layers for k in spec.kinds
              for h in spec.heads_for(k, layer)}
     manifest = {
         "chunk": chunk,
-        "num_chunks": num_chunks,
         "split": split,
         "example_range": [shard.start, shard.stop],
+        "chunk_size": plan.chunk_size,
         "examples": len(tok.ids),
         "skipped_empty": tok.skipped_empty,
         "skipped_invalid": tok.skipped_invalid,
@@ -266,6 +276,8 @@ def run_chunk(cfg: dict, chunk: int, num_chunks: int | None = None, root: Path |
         # per file: keys, bucket counts and identity, so the merge appends it without reading it again
         "summaries": {name: summaries[name] for name in sorted(summaries)},
         "config_fingerprint": chunk_fingerprint(cfg),
+        # what the fingerprint hashes, so a later run can say which setting changed
+        "fingerprint_inputs": json.loads(json.dumps(fingerprint_inputs(cfg), default=str)),
         "sampling": sampling_settings(cfg),
         "model": {
             "name": cfg["model"]["name"],

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import REPO_ROOT, ConfigError, chunk_fingerprint, data_root, load_config
+from .config import REPO_ROOT, ConfigError, data_root, load_config
 from .layout import CONFIG_RE, atomic_write_text, final_dir
 
 log = logging.getLogger("qk_sniffer")
@@ -178,13 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
         _add_common(p, many=name != "sniff-chunk")
         if name == "sniff-chunk":
             p.add_argument("--chunk", type=int, required=True, metavar="I", help="index of the shard, 0-based")
-            p.add_argument("--num-chunks", type=int, default=None, metavar="N",
-                           help="number of shards (default: workflow.num_chunks)")
             p.add_argument("--threads", type=int, default=None, metavar="T",
                            help="CPU threads for torch (default: torch's own choice)")
-            p.add_argument("--fingerprint", default=None, metavar="HEX",
-                           help="refuse to run unless the config's chunk fingerprint is HEX (the workflow "
-                                "passes it, so a config changed under a running workflow is caught)")
+            p.add_argument("--plan", default=None, metavar="PATH",
+                           help="the chunk's plan file (its examples and fingerprint; the workflow passes "
+                                "<data_root>/.qk-sniffer/chunks/chunk-I.json, so a config changed under a running "
+                                "workflow is caught); default: plan it here from the data root's records")
         if name == "report":
             p.add_argument("--out", default=None, metavar="DIR",
                            help="folder for the figures and tables (default: <data_root>/report)")
@@ -388,20 +387,15 @@ def _print_dataset(root: Path, splits: list[str]) -> None:
         print(f"  datasets.load_dataset({json.dumps(str(final))}, {json.dumps(name)}, split={json.dumps(split)})")
 
 
-def cmd_sniff_chunk(config: str, chunk: int, num_chunks: int | None, threads: int | None,
-                    fingerprint: str | None) -> int:
+def cmd_sniff_chunk(config: str, chunk: int, threads: int | None, plan: str | None) -> int:
     cfg = load_config(config)
-    n = num_chunks if num_chunks is not None else cfg["workflow"]["num_chunks"]
-    if n < 1:
-        raise ConfigError(f"--num-chunks: {n} is not allowed; it must be >= 1")
-    if not 0 <= chunk < n:
-        raise ConfigError(f"--chunk: {chunk} is out of range; with {n} chunk(s) it must be in 0..{n - 1}")
-    if fingerprint is not None and fingerprint != chunk_fingerprint(cfg):
-        raise ConfigError(
-            f"config {config} has chunk fingerprint {chunk_fingerprint(cfg)}, the workflow expected {fingerprint}: "
-            "the config changed while the workflow ran (or two runs with different configs share one data root); "
-            "rerun snakemake"
-        )
+    if chunk < 0:
+        raise ConfigError(f"--chunk: {chunk} is out of range; chunks are numbered from 0")
+    spec = None
+    if plan is not None:
+        from .chunk_plan import ChunkSpec
+
+        spec = ChunkSpec.read(plan)
     device = cfg["inference"]["device"]
     gpus = 0 if device == "cpu" else cfg["workflow"]["gpus_per_chunk"]
     if device == "cuda" and gpus == 0:
@@ -422,11 +416,11 @@ def cmd_sniff_chunk(config: str, chunk: int, num_chunks: int | None, threads: in
         from .tokens import cache_for
 
         # a sweep member sharing its dataset and tokenizer with others: tokens shared through a cache
-        manifest = run_chunk(cfg, chunk, n, token_cache=cache_for(config))
+        manifest = run_chunk(cfg, chunk, spec, token_cache=cache_for(config))
     rows = sum(manifest["rows"].values())
-    log.info("chunk %d of %d: %d examples, %d tokens, %d rows in %d files on %s (%.1fs)", chunk, n,
-             manifest["examples"], manifest["tokens"], rows, len(manifest["files"]), manifest["device"],
-             manifest["timings"]["total_s"])
+    log.info("chunk %d (examples [%s, %s)): %d examples, %d tokens, %d rows in %d files on %s (%.1fs)", chunk,
+             *manifest["example_range"], manifest["examples"], manifest["tokens"], rows, len(manifest["files"]),
+             manifest["device"], manifest["timings"]["total_s"])
     return 0
 
 
@@ -501,7 +495,7 @@ def _dispatch(args: argparse.Namespace, extra: list[str]) -> int:
     if args.command == "run":
         return cmd_run(args.config, args.cores, extra)
     if args.command == "sniff-chunk":
-        return cmd_sniff_chunk(args.config, args.chunk, args.num_chunks, args.threads, args.fingerprint)
+        return cmd_sniff_chunk(args.config, args.chunk, args.threads, args.plan)
     if args.command == "verify":
         return cmd_verify(args.data_root, args.config, args.json)
     if args.command == "migrate":

@@ -234,25 +234,43 @@ def sampling_settings(cfg: dict) -> dict:
 _ADDED_LATER = {"dataset.streaming": False, "capture.head_sampling": None, "capture.max_rows_per_batch": None}
 
 
-def chunk_fingerprint(cfg: dict) -> str:
-    """Hash of everything that changes the rows a chunk produces (not batch size or padding side).
+def fingerprint_inputs(cfg: dict) -> dict:
+    """Every setting that changes the rows a chunk produces for its range of examples.
 
-    Ignored keys are left out, and so are keys added later while at their default, so that configs which do not
-    use them keep the fingerprint they had (streaming reads the same rows, but may divide them into other chunks).
+    Not batch size or padding side, and not ``dataset.max_samples`` or the chunking (``workflow.num_chunks``,
+    ``workflow.chunk_size``): those decide which examples a chunk holds, which its manifest records apart
+    (``qk_sniffer.chunk_plan``). Ignored keys are left out, and so are keys added later while at their default,
+    so that configs which do not use them keep the fingerprint they had.
     """
     ignored = set(ignored_keys())
 
-    def section(name: str) -> dict:
-        return {k: v for k, v in cfg[name].items() if f"{name}.{k}" not in ignored
+    def section(name: str, leave_out=()) -> dict:
+        return {k: v for k, v in cfg[name].items() if f"{name}.{k}" not in ignored and k not in leave_out
                 and not (f"{name}.{k}" in _ADDED_LATER and v == _ADDED_LATER[f"{name}.{k}"])}
 
-    relevant = {
-        "dataset": section("dataset"),
+    return {
+        "dataset": section("dataset", leave_out=("max_samples",)),
         "model": cfg["model"],
         "tokenizer": {k: cfg["tokenizer"][k] for k in ("name", "revision", "max_length")},
         "capture": section("capture"),
         "split": split_name(cfg),
-        "num_chunks": cfg["workflow"]["num_chunks"],
     }
-    blob = json.dumps(relevant, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def chunk_fingerprint(cfg: dict) -> str:
+    """Hash of :func:`fingerprint_inputs`: two chunks over one range of examples with one fingerprint hold the
+    same rows."""
+    return _hash(fingerprint_inputs(cfg))
+
+
+def legacy_chunk_fingerprint(cfg: dict, max_samples, num_chunks) -> str:
+    """The fingerprint manifests recorded before chunk ranges stopped depending on ``max_samples`` (it hashed
+    ``max_samples`` and ``num_chunks`` too), for ``cfg`` run with those two values."""
+    relevant = fingerprint_inputs(cfg)
+    relevant["dataset"] = {**relevant["dataset"], "max_samples": max_samples}
+    relevant["num_chunks"] = num_chunks
+    return _hash(relevant)

@@ -16,20 +16,14 @@ INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 @dataclass
 class Shard:
-    """One contiguous shard of the (possibly ``max_samples``-truncated) split."""
+    """The examples ``[start, stop)`` of the split (after ``max_samples``) one chunk holds."""
 
     chunk: int
-    num_chunks: int
     start: int  # global row index of the first example
     stop: int
-    total: int  # rows in the split after max_samples
+    total: int | None  # rows in the split after max_samples (None: a stream of unknown length)
     texts: list = field(default_factory=list)
     example_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-
-
-def shard_bounds(total: int, chunk: int, num_chunks: int) -> tuple[int, int]:
-    """Rows [start, stop) of shard ``chunk`` of ``num_chunks`` (contiguous, sizes differ by at most one)."""
-    return chunk * total // num_chunks, (chunk + 1) * total // num_chunks
 
 
 def _load_kwargs(d: dict) -> dict:
@@ -123,8 +117,8 @@ def example_ids_for(values, start: int, stop: int) -> np.ndarray:
     return np.fromiter((example_id_of(v) for v in values), dtype=np.int64, count=len(values))
 
 
-def _stream_shard(cfg: dict, chunk: int, num_chunks: int) -> Shard:
-    """Shard ``chunk`` read from a stream: skip to its first row, take its rows, nothing else is downloaded."""
+def _stream_shard(cfg: dict, chunk: int, start: int, stop: int | None) -> Shard:
+    """Examples ``[start, stop)`` read from a stream: skip to the first, take them, nothing else is downloaded."""
     import datasets
 
     d = cfg["dataset"]
@@ -137,12 +131,6 @@ def _stream_shard(cfg: dict, chunk: int, num_chunks: int) -> Shard:
     info = ds.info.splits.get(d["split"]) if ds.info and ds.info.splits else None
     known = info.num_examples if info is not None and info.num_examples else None
     total = min(x for x in (known, d.get("max_samples")) if x is not None) if (known or d.get("max_samples")) else None
-    if total is None and num_chunks > 1:
-        raise ConfigError(
-            f"dataset.streaming: the length of {d['path']!r} is not known in advance, so it cannot be divided into "
-            f"workflow.num_chunks={num_chunks} chunks; set dataset.max_samples (or workflow.num_chunks: 1)"
-        )
-    start, stop = shard_bounds(total, chunk, num_chunks) if total is not None else (0, None)
     part = ds.skip(start) if start else ds
     if stop is not None:
         part = part.take(stop - start)
@@ -153,25 +141,45 @@ def _stream_shard(cfg: dict, chunk: int, num_chunks: int) -> Shard:
             texts.append(row[text_col])
             if id_col:
                 values.append(row[id_col])
-    if total is None:  # one chunk over a stream of unknown length: it is the whole stream
-        total = stop = len(texts)
+    if stop is None:  # a stream of unknown length read to its end: now its length is known
+        stop = start + len(texts)
+        total = stop if total is None else total
+    # a stream shorter than max_samples leaves this chunk short or empty (its range stays as planned)
     ids = example_ids_for(values if id_col else None, start, start + len(texts))
-    return Shard(chunk=chunk, num_chunks=num_chunks, start=start, stop=stop, total=total, texts=texts, example_ids=ids)
+    return Shard(chunk=chunk, start=start, stop=stop, total=total, texts=texts, example_ids=ids)
 
 
-def load_shard(cfg: dict, chunk: int, num_chunks: int) -> Shard:
-    if not 0 <= chunk < num_chunks:
-        raise ConfigError(f"chunk {chunk} is out of range for workflow.num_chunks={num_chunks} (use 0..{num_chunks - 1})")
+def load_shard(cfg: dict, chunk: int, start: int, stop: int | None) -> Shard:
+    """Chunk ``chunk``'s examples ``[start, stop)`` (``stop`` None: to the end of a stream of unknown length)."""
     if cfg["dataset"].get("streaming"):
-        return _stream_shard(cfg, chunk, num_chunks)
+        return _stream_shard(cfg, chunk, start, stop)
     ds = load_split(cfg)
     total = len(ds)
-    start, stop = shard_bounds(total, chunk, num_chunks)
+    stop = total if stop is None else stop
+    if stop > total:
+        raise ConfigError(f"dataset: {cfg['dataset']['path']!r} has {total} rows (after dataset.max_samples), fewer "
+                          f"than chunk {chunk}'s examples [{start}, {stop}); the source shrank since the run was "
+                          "planned: rerun snakemake")
     part = ds.select(range(start, stop))
     texts = part[cfg["dataset"]["text_column"]] if stop > start else []
     id_col = cfg["dataset"].get("id_column")
     ids = example_ids_for(part[id_col] if (id_col and stop > start) else None, start, stop)
-    return Shard(chunk=chunk, num_chunks=num_chunks, start=start, stop=stop, total=total, texts=list(texts), example_ids=ids)
+    return Shard(chunk=chunk, start=start, stop=stop, total=total, texts=list(texts), example_ids=ids)
+
+
+def count_examples(cfg: dict) -> int | None:
+    """Examples a run reads: the split's rows after ``max_samples`` (None: a stream of unknown length)."""
+    d = cfg["dataset"]
+    if not d.get("streaming"):
+        return len(load_split(cfg))
+    import datasets
+
+    with _reading(d):
+        ds = datasets.load_dataset(d["path"], streaming=True, **_load_kwargs(d))
+    info = ds.info.splits.get(d["split"]) if ds.info and ds.info.splits else None
+    known = info.num_examples if info is not None and info.num_examples else None
+    sizes = [x for x in (known, d.get("max_samples")) if x is not None]
+    return min(sizes) if sizes else None
 
 
 @dataclass

@@ -51,15 +51,12 @@ class Member:
     dataset: str  # dataset root
     remote: tuple | None
     shares_tokens: bool = False
+    chunks: list = field(default_factory=list)  # ChunkSpec of every planned chunk (the preflight sets them)
 
     @property
     def config_path(self) -> str:
         """The effective config the rules pass to ``python -m qk_sniffer``."""
         return (Path(self.root) / EFFECTIVE_CONFIG).as_posix()
-
-    @property
-    def num_chunks(self) -> int:
-        return int(self.cfg["workflow"]["num_chunks"])
 
     @property
     def gpus(self) -> int:
@@ -70,7 +67,7 @@ class Member:
         return chunk_fingerprint(self.cfg)
 
     def manifests(self) -> list[str]:
-        return [(Path(self.root) / f"staging/chunk-{i}/manifest.json").as_posix() for i in range(self.num_chunks)]
+        return [(Path(self.root) / f"staging/chunk-{s.chunk}/manifest.json").as_posix() for s in self.chunks]
 
 
 @dataclass
@@ -288,7 +285,8 @@ def _token_group(cfg: dict) -> str:
     own = tokenizer_name(cfg) == cfg["model"]["name"]
     remote_code = bool(tok.get("trust_remote_code") or (own and cfg["model"]["trust_remote_code"]))
     key = {"dataset": cfg["dataset"], "tokenizer": [tokenizer_name(cfg), tok.get("revision"), remote_code],
-           "max_length": tok["max_length"], "num_chunks": cfg["workflow"]["num_chunks"]}
+           "max_length": tok["max_length"],
+           "chunking": [cfg["workflow"]["num_chunks"], cfg["workflow"].get("chunk_size")]}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

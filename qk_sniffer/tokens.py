@@ -1,8 +1,8 @@
 """Tokenized shards shared by the sweep members that read one dataset with one tokenizer.
 
 When a sweep holds several members whose dataset, tokenizer (as the config names it), ``max_length`` and
-``num_chunks`` agree, the Snakefile writes ``<member root>/.qk-sniffer/tokens.json`` naming a cache folder
-(``.qk-sniffer/tokens/`` of the working directory). ``sniff-chunk`` then looks its shard up there before
+chunking (``num_chunks``, ``chunk_size``) agree, the Snakefile writes ``<member root>/.qk-sniffer/tokens.json``
+naming a cache folder (``.qk-sniffer/tokens/`` of the working directory). ``sniff-chunk`` then looks its shard up there before
 tokenizing: the entry's name is a hash of the shard's texts and example ids, the tokenizer's content (its
 serialized rules and settings, not its path) and ``max_length``, so an entry is only ever used for exactly the
 input it was made from. A lock per entry makes members that reach one shard at the same time tokenize it once:

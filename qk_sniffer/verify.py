@@ -701,11 +701,13 @@ class _Verifier:
         base = staging_dir(self.root)
         if not base.is_dir():
             return
-        fingerprint = None
+        fingerprint = matches = None
         if self.cfg is not None:
+            from .chunk_plan import manifest_fingerprint_matches
             from .config import chunk_fingerprint
 
             fingerprint = chunk_fingerprint(self.cfg)
+            matches = manifest_fingerprint_matches
         chunks = sorted((d for d in base.iterdir() if d.is_dir() and CHUNK_DIR_RE.fullmatch(d.name)),
                         key=lambda d: int(d.name.split("-")[1]))
         for d in chunks:
@@ -724,7 +726,7 @@ class _Verifier:
             if not isinstance(rows, dict) or not isinstance(files, dict):
                 self.problem(mf, f"has no rows/files mappings; delete {self.rel(d)} and rerun that chunk")
                 continue
-            if fingerprint is not None and manifest.get("config_fingerprint") != fingerprint:
+            if matches is not None and not matches(manifest, self.cfg):
                 self.warn(mf, f"was produced by another config (fingerprint {manifest.get('config_fingerprint')}, "
                               f"the given config has {fingerprint}): merge with this config refuses it")
             for name in sorted(set(files) - {k for k, v in rows.items() if isinstance(v, int) and v > 0}):

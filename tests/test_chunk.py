@@ -29,14 +29,13 @@ def staged(root, split="tiny") -> dict[str, pl.DataFrame]:
     return {k: pl.concat(v).sort(["example_id", "position"]) for k, v in out.items()}
 
 
-def run_all(cfg, n=None):
-    n = n or cfg["workflow"]["num_chunks"]
-    return [run_chunk(cfg, i, n) for i in range(n)]
+def run_all(cfg):
+    return [run_chunk(cfg, i) for i in range(cfg["workflow"]["num_chunks"])]
 
 
 def test_chunk_writes_complete_files_and_manifest_last(make_config):
     cfg = make_config()
-    m = run_chunk(cfg, 0, 1)
+    m = run_chunk(cfg, 0)
     root = cfg["output"]["data_root"]
     from pathlib import Path
 
@@ -81,7 +80,7 @@ def test_sampled_keys_equal_spec(make_config):
     from transformers import AutoTokenizer
 
     cfg = make_config(dataset={"max_samples": 12})
-    run_chunk(cfg, 0, 1)
+    run_chunk(cfg, 0)
     from pathlib import Path
 
     got = staged(Path(cfg["output"]["data_root"]))
@@ -132,7 +131,7 @@ def test_layer_head_filters_and_gqa_key_heads(make_config):
     from pathlib import Path
 
     cfg = make_config(capture={"layers": [-1, 1], "heads": [3]})
-    run_chunk(cfg, 0, 1)
+    run_chunk(cfg, 0)
     names = set(staged(Path(cfg["output"]["data_root"])))
     # query head 3 reads key/value head 1 (4 query heads share 2 kv heads)
     assert names == {"l01h03q", "l01h01k", "l03h03q", "l03h01k"}
@@ -147,7 +146,7 @@ def test_full_attention_only_float16_and_all_sampler(tiny_models, make_config):
                  "sampler": {"type": "all"}},
         dataset={"max_samples": 6},
     )
-    man = run_chunk(cfg, 0, 1)
+    man = run_chunk(cfg, 0)
     got = staged(Path(cfg["output"]["data_root"]))
     assert {n[:3] for n in got} == {"l01", "l03"} and all(n.endswith("q") for n in got)
     t = pq.read_table(next(Path(cfg["output"]["data_root"]).glob("staging/chunk-0/data/tiny/l01h00q/data.parquet")))
@@ -162,7 +161,7 @@ def test_sliding_window_column_and_per_head(tiny_models, make_config):
 
     cfg = make_config(model={"name": str(tiny_models("gemma3"))}, capture={"sampler": {"per_head": True}},
                       dataset={"max_samples": 8})
-    run_chunk(cfg, 0, 1)
+    run_chunk(cfg, 0)
     got = staged(Path(cfg["output"]["data_root"]))
     assert set(got["l00h00q"]["sliding_window"].to_list()) == {4}
     assert got["l01h00q"]["sliding_window"].null_count() == got["l01h00q"].height
@@ -177,7 +176,7 @@ def test_token_strings(make_config):
     from transformers import AutoTokenizer
 
     cfg = make_config(capture={"capture_token_strings": True, "sampler": {"type": "all"}}, dataset={"max_samples": 3})
-    run_chunk(cfg, 0, 1)
+    run_chunk(cfg, 0)
     df = staged(Path(cfg["output"]["data_root"]))["l00h00q"]
     tok = AutoTokenizer.from_pretrained(cfg["model"]["name"])
     text = json.loads(open(cfg["dataset"]["data_files"]).readline())["text"]
@@ -192,7 +191,7 @@ def test_empty_texts_skipped_and_counted_and_string_ids(tmp_path):
     corpus = write_corpus(tmp_path / "c.jsonl", ["hello world", "", "   ", "another text here", "last"])
     cfg = base_config(tmp_path / "root", corpus=corpus, dataset={"id_column": "doc_id", "max_samples": None},
                       capture={"sampler": {"type": "all"}})
-    man = run_chunk(cfg, 0, 1)
+    man = run_chunk(cfg, 0)
     assert man["examples"] == 3 and man["skipped_empty"] == 2
     import hashlib
 
@@ -222,7 +221,7 @@ def test_rerun_replaces_a_partial_chunk(make_config):
     stray = chunk_dir(root, 0) / "data/tiny/l00h00q/.data.parquet.tmp-1"
     stray.parent.mkdir(parents=True)
     stray.write_bytes(b"half a file")
-    run_chunk(cfg, 0, 1)
+    run_chunk(cfg, 0)
     assert not stray.exists() and manifest_path(root, 0).is_file()
 
 
@@ -240,7 +239,7 @@ def test_failed_write_leaves_no_manifest(make_config, monkeypatch):
 
     monkeypatch.setattr(writer.pq.ParquetWriter, "write_table", boom)
     with pytest.raises(RuntimeError, match="No space left"):
-        run_chunk(cfg, 0, 1)
+        run_chunk(cfg, 0)
     assert not manifest_path(root, 0).exists()
     assert not list(root.glob("staging/chunk-0/**/data.parquet"))
 
@@ -258,7 +257,7 @@ def test_failed_write_leaves_no_manifest(make_config, monkeypatch):
 def test_clear_errors(make_config, sections, match):
     cfg = make_config(**sections)
     with pytest.raises(ConfigError, match=match):
-        run_chunk(cfg, 0, 1)
+        run_chunk(cfg, 0)
 
 
 def test_empty_dataset_is_an_error(tmp_path):
@@ -267,7 +266,7 @@ def test_empty_dataset_is_an_error(tmp_path):
     corpus = write_corpus(tmp_path / "empty.jsonl", [])
     cfg = base_config(tmp_path / "root", corpus=corpus, dataset={"max_samples": None})
     with pytest.raises(ConfigError, match=r"has no rows"):
-        run_chunk(cfg, 0, 1)
+        run_chunk(cfg, 0)
     assert not (tmp_path / "root" / "staging" / "chunk-0" / "manifest.json").exists()
 
 
@@ -280,7 +279,7 @@ def test_non_utf8_rows_in_a_binary_column_are_skipped_and_counted(tmp_path):
     pq.write_table(pa.table({"text": pa.array(texts, pa.binary())}), tmp_path / "bin.parquet")
     cfg = base_config(tmp_path / "root", dataset={"path": "parquet", "data_files": str(tmp_path / "bin.parquet"),
                                                   "max_samples": None}, capture={"sampler": {"type": "all"}})
-    man = run_chunk(cfg, 0, 1)
+    man = run_chunk(cfg, 0)
     assert (man["examples"], man["skipped_empty"], man["skipped_invalid"]) == (2, 1, 2)
     assert set(staged(tmp_path / "root")["l00h00q"]["example_id"].to_list()) == {0, 2}
 
@@ -292,7 +291,7 @@ def test_non_utf8_text_file_is_a_clear_error(tmp_path):
     bad.write_bytes(b"fine line\n\xff\xfe not utf-8\n")
     cfg = base_config(tmp_path / "root", dataset={"path": "text", "data_files": str(bad), "max_samples": None})
     with pytest.raises(ConfigError, match=r"is not valid UTF-8.*re-encode the file"):
-        run_chunk(cfg, 0, 1)
+        run_chunk(cfg, 0)
     assert not (tmp_path / "root" / "staging" / "chunk-0" / "manifest.json").exists()
 
 

@@ -113,7 +113,7 @@ def test_debug_shows_the_traceback(bad_config, monkeypatch, capsys):
 def test_chunk_index_out_of_range(tmp_path, capsys):
     cfg = write_yaml(tmp_path / "cfg.yaml", base_config(tmp_path / "root", workflow={"num_chunks": 2}))
     assert main(["sniff-chunk", "--config", str(cfg), "--chunk", "2"]) == 2
-    assert "--chunk: 2 is out of range; with 2 chunk(s) it must be in 0..1" in capsys.readouterr().err
+    assert "--chunk: 2 is not a chunk of " in (err := capsys.readouterr().err) and "its examples are 2 chunk(s), 0..1" in err
 
 
 def test_runtime_error_exits_1_without_traceback(tmp_path, capsys):
@@ -136,7 +136,7 @@ def test_python_m_sniff_chunk_writes_a_complete_chunk(tmp_path):
     path = write_yaml(tmp_path / "cfg.yaml", cfg)
     env = cli_env(tmp_path, QK_SNIFFER_GPUS="7")  # a pretend GPU: the lease must hand it out
     res = subprocess.run([sys.executable, "-m", "qk_sniffer", "sniff-chunk", "--config", str(path), "--chunk", "1",
-                          "--threads", "1", "--fingerprint", chunk_fingerprint(cfg)],
+                          "--threads", "1"],
                          capture_output=True, text=True, env=env, cwd=tmp_path, check=False)
     assert res.returncode == 0, res.stderr
     assert "leased GPU(s) 7" in res.stderr
@@ -144,8 +144,8 @@ def test_python_m_sniff_chunk_writes_a_complete_chunk(tmp_path):
 
     chunk = root / "staging" / "chunk-1"
     manifest = json.loads((chunk / "manifest.json").read_text())
-    assert manifest["chunk"] == 1 and manifest["num_chunks"] == 2
-    assert manifest["example_range"] == [5, 10]
+    assert manifest["chunk"] == 1 and manifest["chunk_size"] == 5
+    assert manifest["example_range"] == [5, 10]  # planned here: the examples divided into workflow.num_chunks
     assert manifest["config_fingerprint"] == chunk_fingerprint(cfg)
     assert manifest["device"] == "cpu"
     assert len(manifest["rows"]) == 4 * (4 + 2)  # every layer: 4 query heads and 2 key heads
@@ -159,13 +159,17 @@ def test_python_m_sniff_chunk_writes_a_complete_chunk(tmp_path):
 
 
 def test_fingerprint_mismatch_is_refused_before_any_work(tmp_path):
+    from qk_sniffer.chunk_plan import ChunkSpec
+
     root = tmp_path / "root"
     path = write_yaml(tmp_path / "cfg.yaml", base_config(root))
+    plan = tmp_path / "chunk-0.json"  # the plan the workflow wrote for another config
+    plan.write_text(ChunkSpec(chunk=0, start=0, stop=4, chunk_size=4, fingerprint="0123456789abcdef").to_json())
     res = subprocess.run([sys.executable, "-m", "qk_sniffer", "sniff-chunk", "--config", str(path), "--chunk", "0",
-                          "--fingerprint", "0123456789abcdef"],
+                          "--plan", str(plan)],
                          capture_output=True, text=True, env=cli_env(tmp_path), cwd=tmp_path, check=False)
     assert res.returncode == 2
-    assert "the workflow expected 0123456789abcdef" in res.stderr
+    assert "fingerprint 0123456789abcdef) does not match the config" in res.stderr
     assert not (root / "staging").exists()
 
 

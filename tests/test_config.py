@@ -47,7 +47,7 @@ def test_defaults_filled_and_input_untouched():
     assert raw == with_()
     assert cfg["capture"]["sampler"] == {"type": "log_uniform", "base_rate": 1.0, "seed": 0, "per_head": False}
     assert cfg["capture"]["min_bucket_size"] == 128 and cfg["tokenizer"]["max_length"] == 4096
-    assert cfg["workflow"] == {"num_chunks": 1, "gpus_per_chunk": 1}
+    assert cfg["workflow"] == {"num_chunks": 1, "chunk_size": None, "gpus_per_chunk": 1}
     assert cfg["output"]["hf_branch"] == "main" and cfg["output"]["hf_repo_id"] is None
 
 

@@ -128,7 +128,7 @@ def test_id_columns_of_a_real_dataset(tmp_path, column):
     for streaming in (False, True):
         cfg = base_config(tmp_path / "root", dataset={"path": str(folder), "data_files": None, "max_samples": None,
                                                       "id_column": column, "streaming": streaming})
-        shard = load_shard(cfg, 0, 1)
+        shard = load_shard(cfg, 0, 0, None)
         assert shard.example_ids.tolist() == [original_id(r[column]) for r in rows]
 
 
@@ -138,7 +138,8 @@ def test_id_columns_of_a_real_dataset(tmp_path, column):
 def test_streaming_reads_the_same_disjoint_chunks_without_preparing_the_dataset(tmp_path, monkeypatch):
     import datasets
 
-    from qk_sniffer.data import load_shard
+    from qk_sniffer.chunk_plan import decide
+    from qk_sniffer.data import count_examples, load_shard
 
     folder, rows = _parquet_source(tmp_path, n=47)
     cache = tmp_path / "hf-cache"
@@ -146,8 +147,10 @@ def test_streaming_reads_the_same_disjoint_chunks_without_preparing_the_dataset(
 
     def shards(streaming: bool, num_chunks: int, max_samples):
         cfg = base_config(tmp_path / "root", dataset={"path": str(folder), "data_files": None, "id_column": "str_id",
-                                                      "max_samples": max_samples, "streaming": streaming})
-        return [load_shard(cfg, i, num_chunks) for i in range(num_chunks)]
+                                                      "max_samples": max_samples, "streaming": streaming},
+                          workflow={"num_chunks": num_chunks})
+        specs = decide(cfg, tmp_path / "root", count_examples(cfg)).specs
+        return [load_shard(cfg, s.chunk, s.start, s.stop) for s in specs]
 
     streamed = shards(True, 4, 40)
     assert not list(cache.rglob("*.arrow"))  # nothing was prepared on disk

@@ -35,7 +35,7 @@ def chunk_config(root: Path, **sections) -> dict:
 def reference(tmp_path: Path, **sections) -> dict:
     cfg = chunk_config(tmp_path / "reference", **sections)
     cfg["inference"]["checkpoint_every_s"] = 0
-    run_chunk(cfg, 0, 1)
+    run_chunk(cfg, 0)
     return staged(tmp_path / "reference")
 
 
@@ -68,7 +68,7 @@ def interrupt_after(monkeypatch, n_batches: int) -> None:
 
 def test_checkpointed_chunk_equals_one_written_in_one_piece(tmp_path):
     cfg = chunk_config(tmp_path / "ck", inference={"checkpoint_every_s": EVERY_BATCH})
-    man = run_chunk(cfg, 0, 1)
+    man = run_chunk(cfg, 0)
     assert man["segments"] == 15 and man["resumed"] is None  # 29 examples (one text is empty), 2 per batch, one segment per batch
     assert_same_configs(staged(tmp_path / "ck"), reference(tmp_path))
     out = chunk_dir(tmp_path / "ck", 0)
@@ -82,7 +82,7 @@ def test_interrupted_chunk_resumes_where_it_stopped(tmp_path, monkeypatch, caplo
     cfg = chunk_config(root, inference={"checkpoint_every_s": EVERY_BATCH})
     interrupt_after(monkeypatch, 6)
     with pytest.raises(KeyboardInterrupt):
-        run_chunk(cfg, 0, 1)
+        run_chunk(cfg, 0)
     assert not manifest_path(root, 0).exists()
     j = journal(root)
     assert len(j["segments"]) == 6 and sum(b - a for s in j["segments"] for a, b in s["done"]) == 12
@@ -103,7 +103,7 @@ def test_interrupted_chunk_resumes_where_it_stopped(tmp_path, monkeypatch, caplo
 
     monkeypatch.setattr(Capturer, "run_batch", counting)
     with caplog.at_level(logging.INFO, logger="qk_sniffer"):
-        man = run_chunk(cfg, 0, 1)
+        man = run_chunk(cfg, 0)
     assert "resuming after 12 of 29 examples (6 finished segments)" in caplog.text
     assert done_batches[0] == done_batches[1]  # the first batch twice: its first result is dropped
     assert sum(done_batches[1:]) == 17  # only the examples no finished segment held (29: one text is empty)
@@ -171,7 +171,7 @@ def test_unusable_journal_starts_the_chunk_over(tmp_path, monkeypatch, caplog, d
     cfg = chunk_config(root, inference={"checkpoint_every_s": EVERY_BATCH})
     interrupt_after(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
-        run_chunk(cfg, 0, 1)
+        run_chunk(cfg, 0)
     monkeypatch.undo()
     seg0 = chunk_dir(root, 0) / SEGMENTS / "seg-0000" / "data/tiny/l00h00q/data.parquet"
     sections = {"inference": {"checkpoint_every_s": EVERY_BATCH}}
@@ -186,7 +186,7 @@ def test_unusable_journal_starts_the_chunk_over(tmp_path, monkeypatch, caplog, d
     else:
         (chunk_dir(root, 0) / JOURNAL).write_text("{not json")
     with caplog.at_level(logging.WARNING, logger="qk_sniffer"):
-        man = run_chunk(cfg, 0, 1)
+        man = run_chunk(cfg, 0)
     assert "cannot be used" in caplog.text and "starting the chunk over" in caplog.text
     assert man["resumed"] is None
     assert_same_configs(staged(root), reference(tmp_path, **sections))
@@ -197,10 +197,10 @@ def test_no_checkpoints_when_disabled(tmp_path, monkeypatch):
     cfg = chunk_config(root, inference={"checkpoint_every_s": 0})
     interrupt_after(monkeypatch, 6)
     with pytest.raises(KeyboardInterrupt):
-        run_chunk(cfg, 0, 1)
+        run_chunk(cfg, 0)
     assert not (chunk_dir(root, 0) / JOURNAL).exists()
     monkeypatch.undo()
-    man = run_chunk(cfg, 0, 1)
+    man = run_chunk(cfg, 0)
     assert man["resumed"] is None and man["segments"] == 1
 
 
@@ -208,8 +208,8 @@ def test_a_finished_chunk_run_again_starts_over(tmp_path):
     """Naming a finished chunk's manifest again (forcerun) redoes it; an old journal is never reused then."""
     root = tmp_path / "ck"
     cfg = chunk_config(root, inference={"checkpoint_every_s": EVERY_BATCH})
-    run_chunk(cfg, 0, 1)
-    man = run_chunk(cfg, 0, 1)
+    run_chunk(cfg, 0)
+    man = run_chunk(cfg, 0)
     assert man["resumed"] is None and man["segments"] == 15
     assert_same_configs(staged(root), reference(tmp_path))
 

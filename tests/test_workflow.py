@@ -226,10 +226,16 @@ def test_larger_max_samples_appends_only_new_rows(reference, tmp_path):
     root = work / "root"
     old = {name: pq.read_table(p) for name, p in final_files(root).items()}
     old_max = max(max(t.column("example_id").to_pylist()) for t in old.values())
+    old_manifests = mtimes(manifests(root).values())
     cfg = yaml.safe_load((work / "cfg.yaml").read_text())
     cfg["dataset"]["max_samples"] = 60
     (work / "cfg.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     snakemake(work)
+    # the recorded chunks keep their ranges and do not run again; one new chunk holds the new examples
+    assert {p: t for p, t in mtimes(manifests(root).values()).items() if p in old_manifests} == old_manifests
+    new_chunks = [json.loads(p.read_text())["example_range"] for p in manifests(root).values()
+                  if p not in old_manifests]
+    assert new_chunks and min(r[0] for r in new_chunks) == 40 and max(r[1] for r in new_chunks) == 60
     added = 0
     for name, path in final_files(root).items():
         new = pq.read_table(path)
@@ -241,6 +247,7 @@ def test_larger_max_samples_appends_only_new_rows(reference, tmp_path):
     assert added > 0 and old_max < 40
     merged = yaml.safe_load((root / "final" / ".merged.json").read_text())
     assert merged["rows_added_total"] == added
+    assert merged["methods"]["rewrite"] == 0 and merged["methods"]["append"] > 0  # old files appended to
 
 
 def test_two_models_share_one_data_root(tiny_models, tmp_path):
