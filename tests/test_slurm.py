@@ -244,3 +244,26 @@ def test_gpu_chunks_request_gpus_from_slurm(slurm, tmp_path):
     after = slurm.command("squeue", "--states=all", "--noheader", "--format=%i").stdout.split()
     assert after == before
     assert not list(work.glob("root/staging/chunk-*/manifest.json"))
+
+
+def test_a_bad_column_fails_in_the_preflight_before_any_sbatch(slurm, tmp_path):
+    """A config naming a column the dataset lacks stops while Snakemake builds the DAG, in one line of its own
+    output, before anything is submitted."""
+    work = make_workdir(tmp_path / "work", dataset={"max_samples": 24, "text_column": "body"},
+                        inference={"device": "cpu"})
+    overlay = overlay_profile(tmp_path / "overlay-profile", slurm.partition)
+    before = slurm.command("squeue", "--states=all", "--noheader", "--format=%i").stdout.split()
+    started = time.monotonic()
+    res = subprocess.run(snakemake_cmd(work, "--profile", str(PROFILE), "--profile", str(overlay)),
+                         cwd=work, env=run_env(slurm.env, tmp_path), capture_output=True, text=True,
+                         timeout=RUN_TIMEOUT, check=False)
+    took = time.monotonic() - started
+    text = res.stdout + res.stderr
+    assert res.returncode != 0, describe(res, work, slurm)
+    lines = [line for line in text.splitlines() if "dataset.text_column" in line]
+    assert len(lines) == 1 and lines[0].startswith("preflight: dataset.text_column: column 'body'"), text
+    assert "set dataset.text_column to one of them" in lines[0] and "Traceback" not in text, text
+    assert "sbatch" not in text and not SUBMITTED_RE.search(text), text
+    assert slurm.command("squeue", "--states=all", "--noheader", "--format=%i").stdout.split() == before
+    assert not (work / "root" / "staging").exists()
+    print(f"preflight refusal on the SLURM profile: {took:.1f} s")

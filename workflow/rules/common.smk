@@ -8,6 +8,7 @@ from pathlib import Path
 
 from snakemake.settings.types import DeploymentMethod
 
+from qk_sniffer.preflight import PreflightError, load_plans, preflight
 from qk_sniffer.sweep import TOKEN_CACHE
 from qk_sniffer.sweep import prepare as prepare_plan
 from qk_sniffer.tokens import clear as clear_tokens
@@ -31,17 +32,27 @@ def one_of(paths):
 # The validated effective config of each member (after --configfile/--config, defaults filled in) is
 # what the rules hand to `python -m qk_sniffer`: <member root>/.qk-sniffer/config.yaml. It is rewritten
 # only when its content changes, so its mtime does not churn; it is deliberately not an input of any
-# rule: which rules rerun is decided by the params below (for chunks, the fingerprint of everything
-# that changes their rows). Sweep members also get their shared-tokens sidecar and final/ link here.
+# rule. Sweep members also get their shared-tokens sidecar and final/ link here.
 prepare_plan(PLAN)
+
+# The preflight (qk_sniffer/preflight.py), on the machine driving the workflow only: the dataset, the model
+# without weights and the remote are checked before any job is scheduled, and each member's chunks are planned
+# from what its data root records. Which chunks rerun is decided there, from the manifests alone, and handed
+# to Snakemake through each chunk's plan file <member root>/.qk-sniffer/chunks/chunk-N.json (the input of
+# sniff_chunk: older than the manifest when the chunk is up to date, newer when it must run again). A job a
+# cluster executor starts parses this file again and reads the plan files instead.
+if workflow.is_main_process:
+    try:
+        for _line in preflight(PLAN):
+            print(_line, file=sys.stderr)
+    except PreflightError as exc:
+        raise WorkflowError(f"preflight: {exc}") from None
+else:
+    load_plans(PLAN)
 
 
 def member_config(wildcards):
     return PLAN.member(wildcards.root).config_path
-
-
-def member_num_chunks(wildcards):
-    return PLAN.member(wildcards.root).num_chunks
 
 
 def member_fingerprint(wildcards):

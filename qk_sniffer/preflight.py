@@ -1,0 +1,87 @@
+"""The preflight: what a run checks once, on the machine that drives the workflow, before any chunk job is queued
+(README.md, "Before any chunk runs").
+
+For every member of the plan: the dataset (reachable, split present, text and id columns present and typed, rows,
+ids unique), the chunks (which exist, which must run and why: :mod:`qk_sniffer.chunk_plan`), and, when any of its
+chunks will run, the model without its weights (config, tokenizer, attention implementation, layers, heads and
+head sampling, position limit). For every dataset root with a remote: the token and the remote (reachable,
+the right kind of repository, writable). Only when everything passed are the chunk plan files written.
+
+The Snakefile calls :func:`preflight` while it builds the DAG, so a bad config fails there in one line, in
+Snakemake's own output, before any job is scheduled (under a cluster executor: before any ``sbatch``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from .chunk_plan import MemberChunks, decide, read_plans, write_plans
+from .config import ConfigError
+
+log = logging.getLogger("qk_sniffer")
+
+
+class PreflightError(ConfigError):
+    """A check failed; the message is the one line the user reads, naming the field or file and the fix."""
+
+
+def _expected(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) or type(exc).__module__.startswith("qk_sniffer.")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text if not isinstance(exc, OSError) or "Errno" not in text else f"{type(exc).__name__}: {text}"
+
+
+def preflight(plan, *, check_remotes: bool = True) -> list[str]:
+    """Check every member and dataset root of ``plan`` (a :class:`qk_sniffer.sweep.Plan`); set each member's
+    ``chunks``, write the plan files, and return the lines to show (which chunks run and why).
+
+    Raises :class:`PreflightError` with one line when a check fails; nothing is written then.
+    """
+    from .model_check import check_model
+    from .source_check import check_source
+
+    try:
+        rows_of: dict[str, int | None] = {}
+        decided: list[MemberChunks] = []
+        lines: list[str] = []
+        for m in plan.members:
+            from .legacy import refuse_local
+
+            refuse_local(Path(m.root))  # the original tool's dataset in the data root: sniff-qk migrate first
+            key = json.dumps(m.cfg["dataset"], sort_keys=True, default=str)
+            if key not in rows_of:
+                rows_of[key] = check_source(m.cfg).rows
+            chunks = decide(m.cfg, Path(m.root), rows_of[key])
+            if any(d.runs for d in chunks.decisions):
+                check_model(m.cfg)
+            m.chunks = chunks.specs
+            decided.append(chunks)
+            lines += chunks.summary()
+        if check_remotes:
+            from .remote_check import check_remote
+
+            for members in plan.datasets.values():
+                where = check_remote(members[0].cfg)
+                if where and where != "no remote":
+                    lines.append(f"{members[0].dataset}: {where}")
+    except PreflightError:
+        raise
+    except Exception as exc:
+        if not _expected(exc):
+            raise
+        raise PreflightError(_one_line(exc)) from exc
+    for chunks in decided:
+        write_plans(chunks)
+    return lines
+
+
+def load_plans(plan) -> None:
+    """Each member's chunks as the plan files record them (a job started by a cluster executor parses the
+    workflow again; the preflight already ran on the machine that submitted it)."""
+    for m in plan.members:
+        m.chunks = read_plans(Path(m.root))
