@@ -8,12 +8,21 @@ Hub answers 412 otherwise, raised here as :class:`~qk_sniffer.remote.RemoteMoved
 is ever deleted on the remote.
 
 - The endpoint is ``HF_ENDPOINT`` when set (as for the client itself), else the client's default.
-- The token comes from :mod:`qk_sniffer.secrets` (``HF_TOKEN`` in the environment or ``.env``) and
-  is passed explicitly to the client; without one, reads fall back to the client's own login, if
-  any. Every exception raised from here has the token masked.
+- The token is ``HF_TOKEN`` from :mod:`qk_sniffer.secrets` (the environment, then ``.env``), else
+  the one ``huggingface_hub`` finds on its own (a login stored by ``hf auth login``): :func:`hub_token`.
+  It is passed explicitly to the client. Every exception raised from here has the token masked.
+- Bounded network time: every request of the client's shared HTTP client (ours and, in this
+  process, any other user of ``huggingface_hub``) times out after ``QK_SNIFFER_HTTP_TIMEOUT_S``
+  seconds (default 60; connecting: at most 10), also where the client asks for a longer timeout or
+  none. It is set through the client's own hook, ``huggingface_hub.set_client_factory``
+  (:func:`bound_http`). Xet transfers (``hf_xet``) run outside that client and keep their own.
 - Network failures (connection errors, timeouts, HTTP 408/429/5xx) are retried with exponential
-  backoff under a :class:`RetryPolicy` (bounded attempts and total time), then reported naming the
-  repository and the endpoint. ``huggingface_hub`` retries some calls on its own as well.
+  backoff under a :class:`RetryPolicy` (``QK_SNIFFER_HTTP_RETRIES`` attempts in all, default 5,
+  and a bound on the total time), then reported on one line naming the repository, the endpoint and
+  what to do. ``huggingface_hub`` retries some calls on its own as well (file downloads, LFS uploads).
+- HTTP 401/403 (an invalid, expired or read-only token) and a model or space repository named by
+  ``output.hf_repo_id`` are reported on one line naming the config field and the fix, with nothing
+  changed on either side.
 - Uploads: with ``hf_xet`` installed (a dependency of ``huggingface_hub``), the client sends
   LFS-mode files (every ``*.parquet``) through Xet storage, which deduplicates chunks between
   versions; ``HF_HUB_DISABLE_XET=1`` selects the plain git-lfs upload path (the test Hub speaks
@@ -25,17 +34,20 @@ from __future__ import annotations
 import hashlib
 import importlib
 import logging
+import math
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+from .config import ConfigError
 from .remote import RemoteError, RemoteMovedError
-from .secrets import get_token, redact, require_token
+from .secrets import MissingTokenError, get_token, redact
 
 log = logging.getLogger("qk_sniffer")
 
@@ -43,19 +55,25 @@ T = TypeVar("T")
 REPO_TYPE = "dataset"
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _BUF = 8 << 20
+TIMEOUT_VAR = "QK_SNIFFER_HTTP_TIMEOUT_S"
+RETRIES_VAR = "QK_SNIFFER_HTTP_RETRIES"
+DEFAULT_TIMEOUT_S = 60.0
+MAX_CONNECT_S = 10.0
+TOKENS_URL = "https://huggingface.co/settings/tokens"
 
 
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [TimeoutError, ConnectionError]
-    for name in ("httpx2", "httpx"):  # huggingface_hub 2.x uses httpx2, 1.x httpx
+def _httpx_errors(name: str) -> tuple[type[BaseException], ...]:
+    found = []
+    for module in ("httpx2", "httpx"):  # huggingface_hub 2.x uses httpx2, 1.x httpx
         try:
-            errors.append(importlib.import_module(name).TransportError)
+            found.append(getattr(importlib.import_module(module), name))
         except (ImportError, AttributeError):
             pass
-    return tuple(errors)
+    return tuple(found)
 
 
-_TRANSPORT_ERRORS = _transport_errors()
+_TRANSPORT_ERRORS = (TimeoutError, ConnectionError, *_httpx_errors("TransportError"))
+_TIMEOUT_ERRORS = (TimeoutError, *_httpx_errors("TimeoutException"))
 
 
 @dataclass(frozen=True)
@@ -75,12 +93,96 @@ class RetryPolicy:
 DEFAULT_RETRY = RetryPolicy()
 
 
+def _env_number(name: str, cast: Callable[[str], float], default: float, what: str) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = cast(raw)
+    except ValueError:
+        value = math.nan
+    if not (0 < value < math.inf):
+        raise ConfigError(f"{name}={raw!r} is not {what}; unset it (default {default:g}) or set e.g. {name}={default:g}")
+    return value
+
+
+def http_timeout() -> float:
+    """Seconds a request may wait for the Hub (``QK_SNIFFER_HTTP_TIMEOUT_S``, default 60)."""
+    return _env_number(TIMEOUT_VAR, float, DEFAULT_TIMEOUT_S, "a positive number of seconds")
+
+
+def retry_policy() -> RetryPolicy:
+    """:data:`DEFAULT_RETRY` with ``QK_SNIFFER_HTTP_RETRIES`` attempts in all when that is set."""
+    return RetryPolicy(attempts=int(_env_number(RETRIES_VAR, int, DEFAULT_RETRY.attempts, "a positive whole number")))
+
+
+_BOUND_LOCK = threading.Lock()
+_bound: list[float | None] = [None]  # the timeout of the client factory installed by bound_http, if any
+
+
+def bound_http(seconds: float | None) -> None:
+    """Make ``huggingface_hub``'s shared HTTP client time out every request after ``seconds``.
+
+    The client's default factory has no timeout, and several calls pass ``timeout=None`` or 60 s
+    explicitly; a request hook caps each phase (connect at most :data:`MAX_CONNECT_S`) at
+    ``seconds`` whatever the call asked for. Installed through ``set_client_factory``, which closes
+    the current client, hence only when the value changes. ``None`` restores the default factory.
+    """
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils._http import default_client_factory
+
+    with _BOUND_LOCK:
+        if _bound[0] == seconds:
+            return
+        if seconds is None:
+            set_client_factory(default_client_factory)
+            _bound[0] = None
+            return
+        caps = {"connect": min(seconds, MAX_CONNECT_S), "read": seconds, "write": seconds, "pool": seconds}
+
+        def cap(request: Any) -> None:
+            asked = request.extensions.get("timeout") or {}
+            capped = {k: limit if asked.get(k) is None else min(asked[k], limit) for k, limit in caps.items()}
+            request.extensions = {**request.extensions, "timeout": capped}
+
+        def factory():
+            client = default_client_factory()
+            client.timeout = tuple(caps.values())
+            client.event_hooks = {**client.event_hooks, "request": [*client.event_hooks["request"], cap]}
+            return client
+
+        set_client_factory(factory)
+        _bound[0] = seconds
+
+
+def hub_token() -> str | None:
+    """``HF_TOKEN`` (environment, then ``./.env``), else the token ``huggingface_hub`` finds (a stored login)."""
+    from huggingface_hub import get_token as client_token
+
+    return get_token() or client_token()
+
+
+def require_hub_token(repo_id: str) -> str:
+    """The token for a push to ``repo_id``; raises :class:`MissingTokenError` saying how to provide one."""
+    token = hub_token()
+    if not token:
+        raise MissingTokenError(
+            f"push to {repo_id} needs HF_TOKEN in the environment or .env (a write token from {TOKENS_URL}; "
+            "e.g. a line HF_TOKEN=hf_... in ./.env), or a login stored by `hf auth login`"
+        )
+    return token
+
+
 class HubError(RemoteError):
     """A Hub call failed for good; ``status`` is the HTTP status when there was one."""
 
     def __init__(self, message: str, status: int | None = None):
         super().__init__(message)
         self.status = status
+
+
+class RepoTypeError(HubError):
+    """``output.hf_repo_id`` names a model or space repository (and no dataset of that name exists)."""
 
 
 def _chain(err: BaseException):
@@ -148,7 +250,8 @@ class HubRemote:
 
     ``cfg`` supplies ``output.hf_repo_id``, ``output.hf_branch`` (default ``main``) and
     ``output.private`` (used when the first push creates the repository). ``token``, ``endpoint``
-    and ``retry`` override the environment and :data:`DEFAULT_RETRY`; ``sleep`` is for tests.
+    and ``retry`` override the environment and :func:`retry_policy`; ``sleep`` is for tests.
+    Constructing one applies :func:`http_timeout` through :func:`bound_http`.
     """
 
     def __init__(
@@ -170,8 +273,10 @@ class HubRemote:
         self.branch = out.get("hf_branch") or "main"
         self.private = bool(out.get("private", False))
         self.endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
-        self.token = token if token is not None else get_token()
-        self.retry = retry or DEFAULT_RETRY
+        self.token = token if token is not None else hub_token()
+        self.retry = retry or retry_policy()
+        self.timeout = http_timeout()
+        bound_http(self.timeout)
         self._sleep = sleep
         self._api = HfApi(endpoint=self.endpoint, token=self.token, library_name="qk-sniffer")
 
@@ -181,6 +286,15 @@ class HubRemote:
 
     def head(self) -> str | None:
         """The sha the branch points at; None when the repository (or the branch) does not exist."""
+        branches = self.branches()
+        return None if branches is None else branches.get(self.branch)
+
+    def branches(self) -> dict[str, str] | None:
+        """Branch name -> sha; None when the dataset repository does not exist.
+
+        Then a model or space of that name raises :class:`RepoTypeError`: ``output.hf_repo_id``
+        names it by mistake far more likely than it asks for a dataset beside it.
+        """
         from huggingface_hub.errors import RepositoryNotFoundError
 
         def refs():
@@ -191,12 +305,20 @@ class HubRemote:
 
         found = self._call("read the branches of", refs)
         if found is None:
+            for kind in ("model", "space"):
+                if self._call(f"look for a {kind} named", lambda k=kind: self._api.repo_exists(self.repo_id, repo_type=k)):
+                    raise RepoTypeError(
+                        f"output.hf_repo_id: {self.repo_id} is a {kind} repository at {_public_endpoint(self.endpoint)}, "
+                        "not a dataset; set output.hf_repo_id to a dataset repository (a name no model or space uses; "
+                        "the first push creates it); nothing was pulled or pushed"
+                    )
             log.info("%s does not exist (or is private and no token with access is set)", self.describe())
             return None
-        for ref in found.branches:
-            if ref.name == self.branch:
-                return ref.target_commit
-        return None
+        return {ref.name: ref.target_commit for ref in found.branches}
+
+    def request(self, what: str, fn: Callable[[Any], T]) -> T:
+        """``fn(api)`` on this remote's ``HfApi`` under the retry policy, failing like the calls above."""
+        return self._call(what, lambda: fn(self._api))
 
     def download(self, dest: Path, revision: str) -> None:
         """Materialise every file of commit ``revision`` under ``dest``."""
@@ -248,7 +370,7 @@ class HubRemote:
         if none differs, ``parent`` is returned without a commit.
         """
         if not self.token:
-            require_token(self.repo_id)
+            require_hub_token(self.repo_id)
         named = {_check_rel(rel): Path(p) for rel, p in files.items()}
         for rel, p in named.items():
             if not p.is_file():
@@ -279,7 +401,8 @@ class HubRemote:
                     return False
                 raise
 
-        created = self._call("create", create_repo)
+        # a model or space of that name is refused (by branches()) before anything is created
+        created = self._call("create", create_repo) if self.branches() is None else False
         if created:
             log.info("created %s %s", "private" if self.private else "public", self.describe())
         head = self.head()
@@ -353,7 +476,9 @@ class HubRemote:
             except Exception as err:
                 elapsed = time.monotonic() - start
                 transient = _is_transient(err)
-                detail = f"{type(err).__name__}: {redact(str(err), self.token)}"
+                # one line: the server's own message when it sent one, not the client's multi-line text
+                text = getattr(err, "server_message", None) or str(err)
+                detail = " ".join(f"{type(err).__name__}: {redact(text, self.token)}".split())
                 if transient and attempt < policy.attempts and elapsed + delay <= policy.max_total:
                     log.warning(
                         "%s: %s failed (%s); retrying in %.1fs (attempt %d of %d)",
@@ -384,16 +509,38 @@ class HubRemote:
                 f"cannot {what} {where}: HF_HUB_OFFLINE is set; unset it to pull from or push to the Hub "
                 "(or remove output.hf_repo_id to run without a remote)"
             )
+        endpoint = _public_endpoint(self.endpoint)
+        knobs = f"{TIMEOUT_VAR} and {RETRIES_VAR} set the timeout per request and the attempts"
+        if transient and any(isinstance(e, _TIMEOUT_ERRORS) for e in _chain(err)):
+            return (
+                f"cannot {what} {where}: no answer within {self.timeout:g}s, {attempt} attempt(s) in {elapsed:.0f}s "
+                f"(last: {detail}). Check that {endpoint} is up and reachable from here and rerun; completed stages "
+                f"are kept ({knobs})."
+            )
         if transient:
             return (
                 f"cannot {what} {where}: network or server errors persisted over {attempt} attempt(s) in "
-                f"{elapsed:.0f}s (last: {detail}). Check the connection to {_public_endpoint(self.endpoint)} "
-                "and rerun; completed stages are kept."
+                f"{elapsed:.0f}s (last: {detail}). Check the connection to {endpoint} and rerun; completed stages "
+                f"are kept ({knobs})."
             )
         status = _status(err)
-        if status in (401, 403):
+        if status == 401 and not self.token:
             return (
-                f"cannot {what} {where}: access denied (HTTP {status}). Check that HF_TOKEN (environment or .env) "
-                f"holds a valid token with access to {self.repo_id} (pushing needs write access). ({detail})"
+                f"output.hf_repo_id: the Hub wants a token to {what} {where} (HTTP 401) and none is set; put a token "
+                f"with write access ({TOKENS_URL}) in HF_TOKEN (environment or .env), or log in with `hf auth login`"
+            )
+        if status == 401:
+            return (
+                f"output.hf_repo_id: the Hub token is invalid or expired (HTTP 401); cannot {what} {where}. Put a valid "
+                f"token with write access ({TOKENS_URL}) in HF_TOKEN (environment or .env) and rerun"
+            )
+        if status == 403:
+            reason = getattr(err, "server_message", None)
+            reason = f": {' '.join(redact(reason, self.token).split())}" if reason else ""
+            namespace = self.repo_id.split("/")[0]
+            return (
+                f"output.hf_repo_id: the Hub token may not {what} {where} (HTTP 403{reason}). Put a token with write "
+                f"access to {self.repo_id} in HF_TOKEN (role write, or fine-grained with repo.write on {namespace}; "
+                f"{TOKENS_URL}), or set output.hf_repo_id to a dataset repository you can write, and rerun"
             )
         return f"cannot {what} {where}: {detail}"

@@ -461,9 +461,9 @@ def push(cfg: dict, root: Path | None = None, *, max_files: int = COMMIT_MAX_FIL
         atomic_write_json(root / PUSH_NAME, result)
         return result
     if cfg["output"].get("hf_repo_id"):
-        from .secrets import require_token
+        from .hub import require_hub_token
 
-        require_token(cfg["output"]["hf_repo_id"])  # fail before any work, not after hashing
+        require_hub_token(cfg["output"]["hf_repo_id"])  # fail before any work, not after hashing
     legacy.refuse_remote_dir(remote)
     desc = remote.describe()
     split = split_name(cfg)

@@ -11,7 +11,9 @@ download and commit to a repository, and nothing else:
 - ``HEAD``/``GET /[{type}s/]{id}/resolve/{rev}/{path}`` with ``X-Repo-Commit``, ``ETag`` (git blob
   sha1 for regular files, sha256 for LFS files), ``Content-Length`` and ``Range``;
 - ``POST /api/repos/create`` (409 with the url when the repo exists), ``DELETE /api/repos/delete``,
-  ``POST /api/validate-yaml``, ``GET /api/whoami-v2``;
+  ``POST /api/validate-yaml``, ``GET /api/whoami-v2`` (user, ``orgs`` with ``roleInOrg``, and
+  ``auth.accessToken`` with the token's ``role`` and, for a fine-grained token, its ``fineGrained``
+  scopes), ``GET /api/{type}s/{id}/auth-check[/write]`` (404, 403 or 200);
 - ``POST /api/{type}s/{id}/preupload/{rev}`` (``lfs`` for ``*.parquet``, binary or large files),
   the git-lfs batch endpoint ``POST /[{type}s/]{id}.git/info/lfs/objects/batch`` handing out upload
   and verify hrefs on this server, ``PUT`` to store an object (its sha256 and size are checked);
@@ -23,16 +25,21 @@ download and commit to a repository, and nothing else:
 Errors carry ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``) and
 ``X-Error-Message`` headers and a JSON ``{"error": ...}`` body, as the client expects.
 
-Auth: a server started with ``token=...`` requires ``Authorization: Bearer <token>`` on every write
-and on reads of private repositories (401 otherwise); a wrong token is refused everywhere. The token
-is kept in memory only: the request log stores ``auth`` ("none", "valid", "invalid") and masks the
-header value, and nothing is written to disk.
+Auth: a server started with ``token=...`` (a write token of ``user``) requires ``Authorization:
+Bearer <token>`` on every write and on reads of private repositories (401 otherwise); a wrong or
+revoked token is refused everywhere (401). :meth:`FakeHub.add_token` issues more tokens: role
+``read`` (reads only), ``write``, or ``fineGrained`` with scoped permissions (``repo.write`` on a
+user, an org or one repository). A valid token without the right to write answers 403, as does
+writing outside the user's namespace and the ``orgs`` it may write to. Tokens are kept in memory
+only: the request log stores ``auth`` ("none", "valid", "invalid") and masks the header value, and
+nothing is written to disk.
 
-Test hooks: :meth:`FakeHub.fail_next` (drop the connection before or after handling a request, or
-answer an error status), :meth:`FakeHub.commit` (another writer moves a branch),
-:meth:`FakeHub.set_branch`, :meth:`FakeHub.head`, :meth:`FakeHub.files`, :meth:`FakeHub.history`,
-:attr:`FakeHub.requests`. The :func:`fake_hub` fixture starts one on 127.0.0.1 and points
-``huggingface_hub`` and ``datasets`` at it. Test modules import it (``from .fakehub import
+Test hooks: :meth:`FakeHub.fail_next` (drop the connection before or after handling a request,
+answer an error status, or never answer), :meth:`FakeHub.add_token`, :meth:`FakeHub.revoke_token`,
+:meth:`FakeHub.commit` (another writer moves a branch), :meth:`FakeHub.set_branch`,
+:meth:`FakeHub.head`, :meth:`FakeHub.files`, :meth:`FakeHub.history`, :attr:`FakeHub.requests`.
+The :func:`fake_hub` fixture starts one on 127.0.0.1 and points ``huggingface_hub`` and
+``datasets`` at it. Test modules import it (``from .fakehub import
 fake_hub_fixture``; the fixture's name is ``fake_hub``) rather than getting it from conftest.
 
 Standard library only (``http.server``); the fixture imports pytest and the clients it configures.
@@ -67,6 +74,7 @@ TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 STALE_PARENT = "A commit has happened since. Please refresh and try again."
 INVALID_TOKEN = "Invalid credentials in Authorization header"
+HANG_LIMIT_S = 30.0  # how long a "hang" fault holds a request at most
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -160,6 +168,19 @@ class RequestRecord:
     status: int | str | None = None
 
 
+@dataclass(frozen=True)
+class TokenInfo:
+    """What the fake knows of a token: its name, role and, for a fine-grained one, ``(entity type, name,
+    permissions)`` scopes such as ``("user", "tester", ("repo.write",))``."""
+
+    name: str
+    role: str
+    scoped: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+
+
+ORG_WRITE_ROLES = ("admin", "write", "contributor")
+
+
 @dataclass
 class Fault:
     method: str
@@ -188,12 +209,16 @@ class FakeHub:
         token: str | None = None,
         *,
         user: str = "tester",
+        orgs: dict[str, str] | None = None,
         lfs_threshold: int = 10 * 1024 * 1024,
         tree_page_size: int = 1000,
         gitattributes: bool = True,
     ):
         self.token = token
         self.user = user
+        self.orgs = dict(orgs or {})  # organisation -> the user's roleInOrg
+        self.tokens: dict[str, TokenInfo] = {token: TokenInfo("fake-write", "write")} if token else {}
+        self._release = threading.Event()  # set by stop(): ends the requests a "hang" fault holds
         self.lfs_threshold = lfs_threshold
         self.tree_page_size = tree_page_size
         self.gitattributes = gitattributes
@@ -222,6 +247,7 @@ class FakeHub:
             pass
 
         Handler.hub = hub
+        self._release.clear()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(
@@ -233,6 +259,7 @@ class FakeHub:
     def stop(self) -> None:
         if self._server is None:
             return
+        self._release.set()
         self._server.shutdown()
         self._server.server_close()
         with self._lock:
@@ -266,13 +293,49 @@ class FakeHub:
 
         ``mode``: ``drop`` closes the connection after reading part of the request, before it has any
         effect; ``drop_after`` handles the request (a commit lands) and closes the connection instead
-        of answering; ``status`` answers ``status`` with ``message`` as the error and no effect. The regex is
-        searched in the raw request path (query string excluded).
+        of answering; ``status`` answers ``status`` with ``message`` as the error and no effect;
+        ``hang`` reads the request and does not answer (the connection stays open, without effect, until
+        the client gives up, the server stops or :data:`HANG_LIMIT_S` pass: a client without a timeout
+        fails a test's time bound rather than hanging the test run). The regex is searched in the raw request path (query
+        string excluded).
         """
-        if mode not in ("drop", "drop_after", "status"):
-            raise ValueError(f"unknown fault mode {mode!r}; use drop, drop_after or status")
+        if mode not in ("drop", "drop_after", "status", "hang"):
+            raise ValueError(f"unknown fault mode {mode!r}; use drop, drop_after, status or hang")
         with self._lock:
             self._faults.append(Fault(method.upper(), re.compile(path_regex), mode, status, message, times))
+
+    def add_token(self, role: str = "read", *, scoped=(), name: str | None = None) -> str:
+        """Issue a token of ``user``: role ``read``, ``write`` or ``fineGrained`` (then ``scoped``, see
+        :class:`TokenInfo`); returns its value."""
+        if role not in ("read", "write", "fineGrained"):
+            raise ValueError(f"unknown token role {role!r}; use read, write or fineGrained")
+        value = "hf_" + secrets.token_hex(17)
+        scopes = tuple((kind, entity, tuple(perms)) for kind, entity, perms in scoped)
+        with self._lock:
+            self.tokens[value] = TokenInfo(name or f"fake-{role}", role, scopes)
+        return value
+
+    def revoke_token(self, token: str) -> None:
+        """From now on ``token`` is refused like a wrong one (401)."""
+        with self._lock:
+            self.tokens.pop(token, None)
+
+    def write_refusal(self, info: TokenInfo | None, repo_type: str, repo_id: str, *, create: bool = False) -> str | None:
+        """Why the token ``info`` may not write to (or, with ``create``, create) the repository; None if it may."""
+        if self.token is None:  # an open server
+            return None
+        namespace = repo_id.split("/")[0]
+        if info is None or info.role == "read":
+            return "This token has the read role: it cannot write; use a token with write access"
+        if namespace != self.user and self.orgs.get(namespace) not in ORG_WRITE_ROLES:
+            return f"You don't have the rights to write to {repo_id}: {namespace} is not {self.user} nor an org it writes to"
+        if info.role == "fineGrained":
+            entities = {("user" if namespace == self.user else "org", namespace)}
+            if not create:
+                entities.add((repo_type, repo_id))
+            if not any((kind, entity) in entities and "repo.write" in perms for kind, entity, perms in info.scoped):
+                return f"This fine-grained token has no repo.write permission on {namespace} or on {repo_id}"
+        return None
 
     def create_repo(self, repo_id: str, *, repo_type: str = "dataset", private: bool = False) -> Repo:
         with self._lock:
@@ -443,12 +506,16 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length if limit is None else min(length, limit))
 
     def _auth_state(self) -> str:
+        """"none", "valid" or "invalid"; a valid token's :class:`TokenInfo` goes to ``self._token``."""
+        self._token = None
         value = self.headers.get("Authorization")
         if not value:
             return "none"
         if self.hub.token is None:
             return "valid"
-        return "valid" if value == f"Bearer {self.hub.token}" else "invalid"
+        with self.hub._lock:
+            self._token = self.hub.tokens.get(value.removeprefix("Bearer "))
+        return "valid" if value.startswith("Bearer ") and self._token is not None else "invalid"
 
     def _dispatch(self, method: str):
         raw = urlsplit(self.path)
@@ -469,6 +536,11 @@ class _Handler(BaseHTTPRequestHandler):
             return
         body = b"" if method in ("GET", "HEAD") else self._read_body()
         record.body_size = len(body)
+        if fault is not None and fault.mode == "hang":
+            record.status = "hung"
+            self.hub._release.wait(HANG_LIMIT_S)
+            self._drop()
+            return
         if fault is not None and fault.mode == "status":
             record.status = fault.status
             headers = {"X-Error-Message": fault.message}
@@ -533,10 +605,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     # ---------------------------------------------------------------- routing
     def _handle(self, method, path, query, body, auth) -> int:
-        hub = self.hub
         if path == "/api/whoami-v2" and method == "GET":
-            self._require_write(auth)
-            return self._ok({"type": "user", "name": hub.user, "orgs": [], "auth": {"type": "access_token"}})
+            return self._whoami(auth)
         if path == "/api/validate-yaml" and method == "POST":
             return self._ok({"errors": [], "warnings": []})
         if path == "/api/repos/create" and method == "POST":
@@ -568,9 +638,30 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(obj, 200, headers)
         return 200
 
-    def _require_write(self, auth: str):
+    def _require_write(self, auth: str, key: tuple[str, str], *, create: bool = False):
+        """401 without a valid token; 403 when it may not write to (or create) the repository ``key``."""
         if self.hub.token is not None and auth != "valid":
             raise HubHTTPError(401, "You must be authenticated to do this; pass a token with write access.")
+        refusal = self.hub.write_refusal(self._token, *key, create=create)
+        if refusal is not None:
+            raise HubHTTPError(403, refusal)
+
+    def _whoami(self, auth: str) -> int:
+        hub = self.hub
+        if hub.token is not None and auth != "valid":
+            raise HubHTTPError(401, "You must be authenticated to do this.")
+        orgs = [{"type": "org", "name": name, "roleInOrg": role} for name, role in sorted(hub.orgs.items())]
+        out = {"type": "user", "id": hashlib.sha1(hub.user.encode()).hexdigest()[:24], "name": hub.user,
+               "fullname": hub.user, "orgs": orgs, "auth": {"type": "access_token"}}
+        info = self._token
+        if info is not None:
+            access = {"displayName": info.name, "role": info.role, "createdAt": hub_date()}
+            if info.role == "fineGrained":
+                scoped = [{"entity": {"type": kind, "name": name}, "permissions": list(perms)}
+                          for kind, name, perms in info.scoped]
+                access["fineGrained"] = {"canReadGatedRepos": False, "global": [], "scoped": scoped}
+            out["auth"]["accessToken"] = access
+        return self._ok(out)
 
     def _read_repo(self, key, auth) -> Repo:
         repo = self.hub.repos.get(key)
@@ -605,17 +696,22 @@ class _Handler(BaseHTTPRequestHandler):
             if action == "paths-info" and method == "POST":
                 repo = self._read_repo(key, auth)
                 return self._paths_info(repo, self._revision(repo, unquote(arg)), body)
+            if action == "auth-check" and method == "GET" and arg in ("", "write"):
+                self._read_repo(key, auth)
+                if arg == "write":
+                    self._require_write(auth, key)
+                return self._ok({})
             if action == "commits" and method == "GET":
                 return self._commits(self._read_repo(key, auth), unquote(arg), query)
             if action == "preupload" and method == "POST":
-                self._require_write(auth)
+                self._require_write(auth, key)
                 repo = self._read_repo(key, auth)
                 return self._preupload(repo, self._revision(repo, unquote(arg)), json.loads(body))
             if action == "commit" and method == "POST":
-                self._require_write(auth)
+                self._require_write(auth, key)
                 return self._commit(self._read_repo(key, auth), unquote(arg), body, query)
             if action == "branch" and method in ("POST", "DELETE"):
-                self._require_write(auth)
+                self._require_write(auth, key)
                 repo = self._read_repo(key, auth)
                 if method == "POST":
                     return self._create_branch(repo, unquote(arg), json.loads(body or b"{}"))
@@ -777,7 +873,7 @@ class _Handler(BaseHTTPRequestHandler):
         return self._ok({"files": out, "commitOid": commit.sha})
 
     def _lfs_batch(self, key, payload: dict, auth) -> int:
-        self._require_write(auth)
+        self._require_write(auth, key)
         with self.hub._lock:
             repo = self._read_repo(key, auth)
             if payload.get("operation") != "upload":
@@ -809,7 +905,7 @@ class _Handler(BaseHTTPRequestHandler):
         return self._ok({})
 
     def _lfs_verify(self, key, payload: dict, auth) -> int:
-        self._require_write(auth)
+        self._require_write(auth, key)
         with self.hub._lock:
             repo = self._read_repo(key, auth)
             data = repo.lfs_objects.get(payload.get("oid"))
@@ -899,8 +995,8 @@ class _Handler(BaseHTTPRequestHandler):
         return (payload.get("type") or "model", f"{org}/{name}")
 
     def _create_repo(self, payload: dict, auth) -> int:
-        self._require_write(auth)
         key = self._repo_key(payload)
+        self._require_write(auth, key, create=True)
         url = f"{self._base()}/{URL_PREFIX[key[0]]}{key[1]}"
         with self.hub._lock:
             if key in self.hub.repos:
@@ -910,8 +1006,8 @@ class _Handler(BaseHTTPRequestHandler):
         return self._ok({"url": url, "name": key[1]})
 
     def _delete_repo(self, payload: dict, auth) -> int:
-        self._require_write(auth)
         key = self._repo_key(payload)
+        self._require_write(auth, key)
         with self.hub._lock:
             if self.hub.repos.pop(key, None) is None:
                 raise HubHTTPError(404, "Repository not found", "RepoNotFound")

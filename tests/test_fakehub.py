@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import time
 
 import httpx2
 import pyarrow as pa
@@ -269,6 +270,70 @@ def test_typed_errors_and_auth(fake_hub, api, populated):
         )
     assert err.value.response.status_code == 401
     assert HfApi(endpoint=fake_hub.url, token=False).repo_info("tester/open", repo_type="dataset").private is False
+
+
+def test_token_roles_organisations_and_auth_check(fake_hub, api, populated):
+    def status(fn) -> int:
+        with pytest.raises(HfHubHTTPError) as err:
+            fn()
+        return err.value.response.status_code
+
+    def add(client: HfApi, path: str, repo: str = REPO):
+        return client.create_commit(repo, operations=[CommitOperationAdd(path, b"x")], commit_message=path,
+                                    repo_type="dataset")
+
+    me = api.whoami()
+    assert (me["name"], me["orgs"], me["auth"]["accessToken"]["role"]) == ("tester", [], "write")
+    api.auth_check(REPO, repo_type="dataset", write=True)  # answers 200: no exception
+    with pytest.raises(RepositoryNotFoundError):
+        api.auth_check("tester/missing", repo_type="dataset", write=True)
+    # a read token reads (the private repo too) and is refused every write with 403
+    reader = HfApi(endpoint=fake_hub.url, token=fake_hub.add_token("read"))
+    access = reader.whoami()["auth"]["accessToken"]
+    assert access["role"] == "read" and "fineGrained" not in access
+    assert reader.list_repo_refs(REPO, repo_type="dataset").branches
+    reader.auth_check(REPO, repo_type="dataset")
+    assert status(lambda: reader.auth_check(REPO, repo_type="dataset", write=True)) == 403
+    assert status(lambda: add(reader, "r.txt")) == 403
+    assert status(lambda: reader.create_repo("tester/new", repo_type="dataset")) == 403
+    assert status(lambda: reader.create_branch(REPO, branch="r", repo_type="dataset")) == 403
+    # fine-grained: repo.write where it is granted, nowhere else; creating needs it on the namespace
+    scoped = [("dataset", REPO, ["repo.content.read", "repo.write"])]
+    fine = HfApi(endpoint=fake_hub.url, token=fake_hub.add_token("fineGrained", scoped=scoped))
+    assert fine.whoami()["auth"]["accessToken"]["fineGrained"]["scoped"] == [
+        {"entity": {"type": "dataset", "name": REPO}, "permissions": ["repo.content.read", "repo.write"]}]
+    add(fine, "fine.txt")
+    assert fake_hub.files(REPO)["fine.txt"] == b"x"
+    assert status(lambda: fine.create_repo("tester/new", repo_type="dataset")) == 403
+    # organisations: writable per the user's role in them
+    assert status(lambda: api.create_repo("acme/data", repo_type="dataset")) == 403
+    fake_hub.orgs["acme"] = "read"
+    assert api.whoami()["orgs"] == [{"type": "org", "name": "acme", "roleInOrg": "read"}]
+    assert status(lambda: api.create_repo("acme/data", repo_type="dataset")) == 403
+    fake_hub.orgs["acme"] = "write"
+    api.create_repo("acme/data", repo_type="dataset")
+    add(api, "a.txt", "acme/data")
+    # a revoked token is a wrong token
+    token = fake_hub.add_token("write")
+    HfApi(endpoint=fake_hub.url, token=token).whoami()
+    fake_hub.revoke_token(token)
+    assert status(lambda: HfApi(endpoint=fake_hub.url, token=token).whoami()) == 401
+    assert status(lambda: HfApi(endpoint=fake_hub.url, token=token).list_repo_refs(REPO, repo_type="dataset")) == 401
+
+
+def test_hang_fault_answers_nothing_and_changes_nothing(fake_hub, api, populated):
+    from huggingface_hub import get_session
+
+    _, sha = populated
+    fake_hub.fail_next("POST", r"/commit/main$", mode="hang")
+    url = f"{fake_hub.url}/api/datasets/{REPO}/commit/main"
+    start = time.monotonic()
+    with pytest.raises(httpx2.ReadTimeout):
+        get_session().post(url, content=b"{}", headers={"Authorization": f"Bearer {fake_hub.token}"}, timeout=0.5)
+    assert time.monotonic() - start < 5
+    assert fake_hub.requests_matching("POST", r"/commit/main$")[-1].status == "hung" and fake_hub.head(REPO) == sha
+    add = [CommitOperationAdd("after.txt", b"a")]
+    assert api.create_commit(REPO, operations=add, commit_message="after", repo_type="dataset").oid == fake_hub.head(REPO)
 
 
 def test_request_log_masks_the_token(fake_hub, api, populated, tmp_path_factory):

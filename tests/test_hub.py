@@ -222,7 +222,7 @@ def test_network_down_fails_clearly_after_bounded_retries(fake_hub, monkeypatch,
     text = "".join(traceback.format_exception(err.value))
     assert REPO in str(err.value) and url in str(err.value) and "3 attempt(s)" in str(err.value)
     assert token not in text and len(sleeps) == 2
-    with pytest.raises(HubError, match="create"):
+    with pytest.raises(HubError, match="cannot read the branches of"):  # a first push looks before it creates
         remote.commit(write_files(tmp_path, FILES), None, "offline")
     # the total time bounds the attempts, whatever their number
     patient = HubRemote(hub_cfg(), endpoint=url, retry=RetryPolicy(attempts=1000, base_delay=0.02, max_total=0.3))
@@ -243,9 +243,22 @@ def test_the_token_is_masked_in_every_error(fake_hub, tmp_path):
     assert token not in text and err.value.__cause__ is None and err.value.status == 400
     # a wrong token: a clear access error naming the variable, without the value
     wrong = "hf_" + "w" * 34
-    with pytest.raises(HubError, match=r"access denied \(HTTP 401\).*HF_TOKEN") as err:
+    with pytest.raises(HubError, match=r"token is invalid or expired \(HTTP 401\).*HF_TOKEN") as err:
         make_remote(token=wrong).commit(write_files(tmp_path, FILES), fake_hub.head(REPO), "bad token")
     assert wrong not in "".join(traceback.format_exception(err.value))
+
+
+def test_http_401_without_a_token_says_to_set_one(fake_hub, monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.chdir(tmp_path)  # no .env here
+    fake_hub.create_repo(REPO)
+    fake_hub.fail_next("GET", r"/refs$", mode="status", status=401, message="Authentication required")
+    with pytest.raises(HubError) as err:
+        make_remote().head()
+    assert str(err.value) == (
+        f"output.hf_repo_id: the Hub wants a token to read the branches of hf dataset {REPO}@main at {fake_hub.url} "
+        "(HTTP 401) and none is set; put a token with write access (https://huggingface.co/settings/tokens) in HF_TOKEN "
+        "(environment or .env), or log in with `hf auth login`")
 
 
 def test_offline_mode_is_reported_without_retries(fake_hub, monkeypatch):
@@ -339,8 +352,9 @@ def staged_chunks(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("staged") / "all"
     cfg = e2e_config(root)
+    cfg["workflow"]["num_chunks"] = 3
     for i in range(3):
-        run_chunk(cfg, i, 3)
+        run_chunk(cfg, i)
     merge_staging(cfg, root)
     return root
 

@@ -455,7 +455,7 @@ def test_pull_refuses_the_readme_layout_after_reading_its_schema(fake_hub, tmp_p
 
 
 @pytest.mark.slow
-def test_run_stops_at_pull_with_the_one_line(fake_hub, tmp_path):
+def test_run_stops_in_the_preflight_with_the_one_line(fake_hub, tmp_path):
     import subprocess
     import sys
 
@@ -471,8 +471,9 @@ def test_run_stops_at_pull_with_the_one_line(fake_hub, tmp_path):
     res = subprocess.run([str(Path(sys.executable).parent / "sniff-qk"), "run", "--config", "cfg.yaml", "--cores", "2"],
                          cwd=work, capture_output=True, text=True, env=env, timeout=900, check=False)
     assert res.returncode != 0
-    log = (work / "root" / "logs" / "pull_hub.log").read_text()
-    errors = [ln for ln in log.splitlines() if ln.startswith("error: ")]
-    assert len(errors) == 1 and "holds a dataset of the original qk-sniffer tool (l00h00k/data.parquet" in errors[0]
-    assert errors[0] in res.stdout + res.stderr  # shown on the console (show-failed-logs)
-    assert not (work / "root" / "push.json").exists() and (work / "root" / "staging" / "chunk-0" / "manifest.json").exists()
+    out = res.stdout + res.stderr
+    lines = [ln for ln in out.splitlines() if "holds a dataset of the original qk-sniffer tool" in ln]
+    assert lines and lines[0].startswith("preflight: "), out[-3000:]
+    # refused before any job: no chunk ran, nothing was pulled or pushed
+    assert not (work / "root" / "staging").exists() and not (work / "root" / "push.json").exists()
+    assert not (work / "root" / "logs" / "pull_hub.log").exists()
