@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -47,6 +48,38 @@ def data_file(base: Path, split: str, config: str) -> Path:
     return Path(base) / "data" / split / config / "data.parquet"
 
 
+class DiskFullError(OSError, RuntimeError):
+    """A write ran out of room: no space left on the filesystem (ENOSPC) or the user's quota spent (EDQUOT).
+
+    One line naming the file that was being written, what was left as it was, and what to do
+    (``hint``); an ``OSError`` with the original ``errno``, so handlers of ``OSError`` still see it
+    (and a ``RuntimeError``, which the chunk writer raised for it before).
+    """
+
+    def __init__(self, path, code: int = errno.ENOSPC, hint: str = ""):
+        super().__init__(code, os.strerror(code), str(path))
+        self.path = Path(path)
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{os.strerror(self.errno or errno.ENOSPC)} writing {self.path}" + (f": {self.hint}" if self.hint else "")
+
+
+_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def disk_full_errno(exc: BaseException | None) -> int | None:
+    """ENOSPC or EDQUOT when ``exc`` (or an exception it was raised from or during) is a full disk or quota, else
+    None. pyarrow's errors of its own file writes carry the errno too."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            return exc.errno
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
@@ -55,8 +88,9 @@ def tmp_name(path: Path) -> Path:
 def atomic_output(path: Path, mode: str = "wb"):
     """Open a temporary file next to ``path``; on success fsync it and rename it into place.
 
-    On any error the temporary file is removed and ``path`` is left as it was. The file gets the
-    usual permissions (0666 less the umask), not mkstemp's 0600.
+    On any error the temporary file is removed and ``path`` is left as it was; a full disk (or quota)
+    raises :class:`DiskFullError` naming ``path``. The file gets the usual permissions (0666 less the
+    umask), not mkstemp's 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,11 +102,15 @@ def atomic_output(path: Path, mode: str = "wb"):
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        code = None if isinstance(exc, DiskFullError) else disk_full_errno(exc)
+        if code is not None:
+            raise DiskFullError(path, code, f"{path.name} was left as it was; free space there and run this "
+                                            "step again") from exc
         raise
 
 

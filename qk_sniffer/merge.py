@@ -1,10 +1,16 @@
 """``merge-staging``: replay staged chunks into ``final/`` (README.md, "What you get": how a merge appends).
 
 Per ``(split, config)`` the final file and the staged chunk files are unioned on
-``(example_id, position)``; rows already in ``final/`` win, and staged rows whose key exists with
-a different vector are counted as conflicts and reported in ``final/.merged.json``. Only files
-whose row set grows are rewritten, each atomically, so a second merge of the same chunks touches
-nothing.
+``(example_id, position)``; rows already in ``final/`` win (and of a key staged twice, the first).
+A staged row whose key is kept with another vector is a *rounding difference* when the two vectors
+differ by no more than float rounding across batch shapes allows (:data:`ROUNDING_RTOL`), else a
+*conflict*; ``final/.merged.json`` counts both per config, and only conflicts are warned about.
+Only files whose row set grows are rewritten, so a second merge of the same chunks touches nothing.
+
+A merge is all or nothing: every file it grows and ``.merged.json`` are written under temporary
+names next to their places and renamed into place only once all of them are written. A merge that
+fails (a full disk, a damaged file) removes what it wrote and leaves ``final/`` exactly as it was;
+the price is room for the new version of each file it grows next to the old one until the end.
 
 Two ways to write a grown file, chosen per config:
 
@@ -32,6 +38,8 @@ import json
 import logging
 import os
 import re
+import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,10 +50,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import legacy
+from .chunk_plan import describe_config_change, manifest_fingerprint_matches
 from .config import chunk_fingerprint, data_root, sampling_settings, split_name
 from .layout import (
+    DiskFullError,
     atomic_write_json,
     data_file,
+    disk_full_errno,
     final_dir,
     parse_config_name,
     remove_stale_temps,
@@ -60,6 +71,34 @@ CHUNK_DIR_RE = re.compile(r"^chunk-(\d+)$")
 CONFLICT_EXAMPLES = 5
 MERGE_WORKERS = min(2, os.cpu_count() or 1)  # configs rewritten at once: memory holds this many configs, no more
 APPEND_WORKERS = 8  # configs appended at once: a few columns in memory each; mostly waiting on the disk
+
+
+ROUNDING_RTOL: dict[str, float] = {"float32": 1e-5, "float16": 2.0 ** -9, "bfloat16": 2.0 ** -6}
+"""How far a staged vector may lie from the kept vector of its key and still count as a rounding difference.
+
+A pair of rows (staged ``s``, kept ``k``, same key) whose vectors are not equal element for element (NaN equal
+to NaN) is a *rounding difference* when ``max_i |s_i - k_i| <= ROUNDING_RTOL[p] * scale`` and a *conflict*
+otherwise, where ``scale = max(max_i |s_i|, max_i |k_i|, smallest normal number of p)`` (a tolerance relative
+to the larger of the two rows' largest elements) and ``p`` is the coarser of the precisions the two rows'
+values have: ``bfloat16`` for a row whose every value is a bfloat16 number (a float32 column of a model run in
+bf16: the low 16 bits of each float are zero), else ``float16`` for a row whose every value is a float16 number
+(``capture.vector_dtype: float16``, or a model run in fp16), else ``float32``. The relative difference
+recorded is ``max_i |s_i - k_i| / scale``.
+
+- float32: 1e-5, about 84 float32 ulps of the row's largest element. The same examples run in batches of other
+  shapes differ by up to ~2e-6 (on the CPU, 3% of the tiny test model's rows differ between batch sizes 8 and
+  3, by at most 1.9e-6; a user's extended dataset showed 2e-6), so 1e-5 leaves a factor of five; it is also
+  the bound the tests hold every stored vector to against q/k recomputed from the weights.
+- float16 (11 significant bits): 2**-9, two float16 ulps of the row's largest element (one ulp is at most
+  2**-10 of it): rounding a float32 difference of ~2e-6 to float16 flips at most one ulp of an element.
+- bfloat16 (8 significant bits): 2**-6, two bfloat16 ulps of the row's largest element (one ulp is at most
+  2**-7 of it, a half-ulp rounding ~4e-3).
+
+Whatever the class, the kept row stays as it was: the classification only decides what is reported.
+"""
+ROUNDING_BLOCK = 1 << 14  # rows compared at once: the comparison's temporaries stay at tens of MB (head dim 128)
+_TINY = {"float32": float(np.finfo(np.float32).tiny), "float16": float(np.finfo(np.float16).tiny),
+         "bfloat16": float(np.finfo(np.float32).tiny)}  # bfloat16 has float32's exponent range
 
 
 class MergeError(ValueError):
@@ -201,17 +240,76 @@ def _key_list(df: pl.DataFrame, n: int) -> list[list[int]]:
     return [list(r) for r in df.select(KEYS).sort(KEYS).head(n).iter_rows()]
 
 
+def _precision(v: np.ndarray) -> np.ndarray:
+    """Per row of ``v`` (float32, rows of one vector each): 2 when every value is a bfloat16 number, else 1 when
+    every value is a float16 number, else 0 (see :data:`ROUNDING_RTOL`)."""
+    bf16 = ((v.view(np.uint32) & 0xFFFF) == 0).all(axis=1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        f16 = ((v.astype(np.float16).astype(np.float32) == v) | np.isnan(v)).all(axis=1)
+    return np.where(bf16, 2, np.where(f16, 1, 0))
+
+
+_PRECISIONS = ("float32", "float16", "bfloat16")  # indexed by _precision's codes
+_RTOL = np.array([ROUNDING_RTOL[p] for p in _PRECISIONS])
+_TINY_BY_CODE = np.array([_TINY[p] for p in _PRECISIONS])
+
+
+SAME, ROUNDING, CONFLICT = 0, 1, 2  # what compare_vectors finds of a pair of rows
+
+
+def compare_vectors(staged: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of two ``(n, dim)`` float arrays compared pair by pair as :data:`ROUNDING_RTOL` says: returns each
+    pair's class (``SAME``, ``ROUNDING`` or ``CONFLICT``) and relative difference (0 for equal vectors; NaN where
+    a NaN faces a number, which is a conflict). Vectorised, :data:`ROUNDING_BLOCK` rows at a time."""
+    n = len(staged)
+    kind = np.full(n, SAME, dtype=np.int8)
+    rel = np.zeros(n, dtype=np.float64)
+    for at in range(0, n, ROUNDING_BLOCK):
+        s = np.asarray(staged[at:at + ROUNDING_BLOCK], dtype=np.float32)
+        k = np.asarray(kept[at:at + ROUNDING_BLOCK], dtype=np.float32)
+        same = (s == k) | (np.isnan(s) & np.isnan(k))
+        differs = ~same.all(axis=1)
+        if not differs.any():
+            continue
+        s, k, same = s[differs], k[differs], same[differs]
+        code = np.maximum(_precision(s), _precision(k))  # the coarser of the two
+        with np.errstate(invalid="ignore", over="ignore"):
+            diff = np.where(same, 0.0, np.abs(s.astype(np.float64) - k)).max(axis=1)  # NaN facing a number: NaN
+            finite = np.abs(np.where(np.isfinite(s), s, 0)).max(axis=1), np.abs(np.where(np.isfinite(k), k, 0)).max(axis=1)
+            r = diff / np.maximum(np.maximum(*finite), _TINY_BY_CODE[code])
+        idx = np.nonzero(differs)[0] + at
+        rel[idx] = r
+        kind[idx] = np.where(r <= _RTOL[code], ROUNDING, CONFLICT)  # NaN is a conflict
+    return kind, rel
+
+
+def _differences(pairs: pl.DataFrame, other: str) -> tuple[int, float, pl.DataFrame]:
+    """For rows of ``pairs`` holding a staged ``vector`` and the kept one in column ``other``: the number of
+    rounding differences, the largest relative difference among them, and the conflicting rows."""
+    if not pairs.height:
+        return 0, 0.0, pairs
+    if not all(isinstance(pairs.schema[c], pl.Array) for c in ("vector", other)):  # not fixed-size: exact only
+        return 0, 0.0, pairs.filter(pl.col("vector") != pl.col(other))
+    kind, rel = compare_vectors(pairs.get_column("vector").to_numpy(), pairs.get_column(other).to_numpy())
+    rounding = kind == ROUNDING
+    top = float(rel[rounding].max()) if rounding.any() else 0.0
+    return int(rounding.sum()), top, pairs.filter(pl.Series(kind == CONFLICT))
+
+
 def _merge_config(final_path: Path, staged_paths: list[Path]) -> tuple[pl.DataFrame | None, dict]:
     """Union of the final file and staged files; returns (merged frame or the final one, stats)."""
     staged = _read_many(staged_paths) if staged_paths else None
     final = _read(final_path, "final") if final_path.is_file() else None
-    conflicts = 0
+    conflicts = rounding = 0
+    rounding_max = 0.0
     examples: list[list[int]] = []
     if staged is None or staged.height == 0:
-        return final, {"added": 0, "conflicts": 0, "conflict_examples": [], "changed": False}
+        return final, {"added": 0, "conflicts": 0, "conflict_examples": [], "rounding": 0, "rounding_max": 0.0,
+                       "changed": False}
     if final is not None and final.height:
         both = staged.join(final.select([*KEYS, "vector"]), on=KEYS, how="inner", suffix="_final")
-        bad = both.filter(pl.col("vector") != pl.col("vector_final"))
+        n, top, bad = _differences(both, "vector_final")
+        rounding, rounding_max = rounding + n, max(rounding_max, top)
         conflicts += bad.height
         examples += _key_list(bad, CONFLICT_EXAMPLES)
         new = staged.join(final.select(KEYS), on=KEYS, how="anti")
@@ -223,12 +321,13 @@ def _merge_config(final_path: Path, staged_paths: list[Path]) -> tuple[pl.DataFr
             dup = new.filter(pl.struct(KEYS).is_duplicated())
             kept = uniq.join(dup.select(KEYS).unique(), on=KEYS, how="semi")
             cmp = dup.join(kept.select([*KEYS, "vector"]), on=KEYS, how="inner", suffix="_kept")
-            bad = cmp.filter(pl.col("vector") != pl.col("vector_kept"))
+            n, top, bad = _differences(cmp, "vector_kept")
+            rounding, rounding_max = rounding + n, max(rounding_max, top)
             conflicts += bad.height
             examples += _key_list(bad, CONFLICT_EXAMPLES)
         new = uniq
     stats = {"added": new.height, "conflicts": conflicts, "conflict_examples": sorted(examples)[:CONFLICT_EXAMPLES],
-             "changed": new.height > 0}
+             "rounding": rounding, "rounding_max": rounding_max, "changed": new.height > 0}
     if not new.height:
         return final, stats
     merged = new if final is None else pl.concat([final, new], how="vertical_relaxed")
@@ -385,6 +484,63 @@ def bucket_counts(df: pl.DataFrame | None, path: Path) -> tuple[int, dict[int, i
     return df.height, {int(b): int(n) for b, n in counts.iter_rows()}
 
 
+class _Outputs:
+    """The files one merge writes: each under a temporary name next to its place (the pattern
+    ``remove_stale_temps`` clears after a kill), renamed into place together by :meth:`commit` once all of them
+    are written, or removed together by :meth:`rollback` (with the directories made for them)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.files: dict[Path, Path] = {}  # place -> temporary name
+        self.dirs: list[Path] = []  # directories made for new configs
+
+    def temp_for(self, path: Path) -> Path:
+        path = Path(path)
+        with self._lock:
+            if path in self.files:  # an append that fell back to a rewrite: the same temporary
+                return self.files[path]
+            d = path.parent
+            while not d.exists():
+                self.dirs.append(d)
+                d = d.parent
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)  # a placeholder: the writers put their file there by a rename of their own
+            self.files[path] = Path(tmp)
+        return Path(tmp)
+
+    def discard(self, path: Path) -> None:
+        """Forget (and remove) the temporary of ``path``: nothing will be put in its place."""
+        with self._lock:
+            tmp = self.files.pop(Path(path), None)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+
+    def place_of(self, path: Path) -> Path:
+        """The place a temporary (or the temporary of a temporary) stands for; ``path`` itself otherwise."""
+        for place, tmp in self.files.items():
+            if Path(path) == tmp or Path(path).name.startswith(f".{tmp.name}."):
+                return place
+        return Path(path)
+
+    def commit(self, last: Path) -> None:
+        """Rename every file into place, ``last`` last."""
+        for place, tmp in self.files.items():
+            if place != last:
+                os.replace(tmp, place)
+        if last in self.files:
+            os.replace(self.files[last], last)
+
+    def rollback(self) -> None:
+        for tmp in self.files.values():
+            tmp.unlink(missing_ok=True)
+        for d in sorted(set(self.dirs), key=lambda p: len(p.parts), reverse=True):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+
 # -- the stage --------------------------------------------------------------------------------
 
 
@@ -406,15 +562,12 @@ def merge_staging(cfg: dict, root: Path | None = None, *, append: bool = True) -
     chunks, incomplete = scan_chunks(root)
     for name in incomplete:
         log.warning("staging/%s has no manifest (an unfinished or crashed chunk): ignored", name)
-    stale = [(d, m) for d, m in chunks if m.get("config_fingerprint") != fingerprint]
+    stale = [(d, m) for d, m in chunks if not manifest_fingerprint_matches(m, cfg)]
     if stale:
-        lines = [
-            f"  {d} (fingerprint {m.get('config_fingerprint')}, split {m.get('split')!r}, "
-            f"num_chunks {m.get('num_chunks')})" for d, m in stale
-        ]
+        lines = [f"  {d}: {describe_config_change(m, cfg)}" for d, m in stale]
         raise MergeError(
             f"staged chunks were produced by a different config than this run (fingerprint {fingerprint}, "
-            f"split {split!r}, num_chunks {cfg['workflow']['num_chunks']}):\n" + "\n".join(lines) +
+            f"split {split!r}):\n" + "\n".join(lines) +
             "\nDelete those chunk dirs (or rerun them with this config: snakemake <chunk dir>/manifest.json) "
             "and merge again."
         )
@@ -492,14 +645,18 @@ def merge_staging(cfg: dict, root: Path | None = None, *, append: bool = True) -
             footers.update(found)
 
     # merge config by config. Appends (copying bytes, waiting on the disk) run several at a time; rewrites
-    # (polars and pyarrow decode and encode without the GIL) at most MERGE_WORKERS at a time, for memory
+    # (polars and pyarrow decode and encode without the GIL) at most MERGE_WORKERS at a time, for memory.
+    # Every file goes to a temporary name first (outputs): nothing is renamed into place before all are written
+    outputs = _Outputs()
+
     def append_one(cfg_name: str):
         fpath = data_file(final, split, cfg_name)
         plan = _append_plan(fpath, staged[cfg_name], footers) if append else None
         if plan is None:
             return None
         order, counts, added = plan
-        stats = {"added": added, "conflicts": 0, "conflict_examples": [], "changed": added > 0, "method": "append"}
+        stats = {"added": added, "conflicts": 0, "conflict_examples": [], "rounding": 0, "rounding_max": 0.0,
+                 "changed": added > 0, "method": "append"}
         n = 0
         if fpath.is_file():  # rows already there: their bucket counts too
             n, there = bucket_counts(None, fpath)
@@ -507,7 +664,7 @@ def merge_staging(cfg: dict, root: Path | None = None, *, append: bool = True) -
                 counts[b] = counts.get(b, 0) + c
         try:
             if added:
-                n = concat_files([f.path for f in order], fpath, order)
+                n = concat_files([f.path for f in order], outputs.temp_for(fpath), order)
         except FooterError as exc:  # a footer that cannot be carried over (written elsewhere): rewrite instead
             log.info("%s/%s: rewriting instead of appending (%s)", split, cfg_name, exc)
             return None
@@ -517,11 +674,45 @@ def merge_staging(cfg: dict, root: Path | None = None, *, append: bool = True) -
         fpath = data_file(final, split, cfg_name)
         merged, stats = _merge_config(fpath, staged[cfg_name])
         if stats["changed"]:
-            write_parquet_atomic(_to_arrow(merged, schemas[cfg_name]), fpath)
+            write_parquet_atomic(_to_arrow(merged, schemas[cfg_name]), outputs.temp_for(fpath))
             stats["method"] = "rewrite"
+        else:
+            outputs.discard(fpath)  # an append that fell back here may have reserved one
         n, counts = bucket_counts(merged.select("bucket"), fpath) if merged is not None else (0, {})
         return cfg_name, stats, n, counts
 
+    try:
+        result = _merge_all(names, append_one, rewrite_one, final, split, chunks, incomplete, fingerprint,
+                            current_sampling, mixed, t0)
+        atomic_write_json(outputs.temp_for(final / MERGED_NAME), result)
+    except BaseException as exc:
+        outputs.rollback()
+        code = disk_full_errno(exc)
+        if code is None:
+            raise
+        where = exc.path if isinstance(exc, DiskFullError) else getattr(exc, "filename", None) or final
+        raise DiskFullError(outputs.place_of(where), code, _full_hint(final, split, staged)) from exc
+    outputs.commit(final / MERGED_NAME)
+    log.info("merged %d chunks into split %r: %d rows added to %d configs in %.1fs", len(chunks), split,
+             result["rows_added_total"], len(result["configs_touched"]), result["merge_s"])
+    return result
+
+
+def _full_hint(final: Path, split: str, staged: dict[str, list[Path]]) -> str:
+    """What a merge that found its disk full says after the path: what was kept, the room it needs, the way on."""
+    try:
+        size = sum(p.stat().st_size for paths in staged.values() for p in paths)
+        size += sum(p.stat().st_size for n, p in final_configs(final, split).items() if n in staged)
+        need = f" (about {size / 2**20:,.1f} MiB here)"
+    except OSError:
+        need = ""
+    return (f"final/ was left as it was, nothing of this merge was kept. A merge writes the new version of each file "
+            f"it grows next to the old one before it replaces any{need}; free space there and run merge_staging again")
+
+
+def _merge_all(names, append_one, rewrite_one, final: Path, split: str, chunks, incomplete, fingerprint,
+               current_sampling, mixed, t0: float) -> dict:
+    """Run the appends, then the rewrites, and gather what ``final/.merged.json`` records."""
     with ThreadPoolExecutor(max_workers=max(1, min(APPEND_WORKERS, len(names))), thread_name_prefix="qk-merge") as pool:
         done = dict(zip(names, pool.map(append_one, names)))
     rest = [n for n in names if done[n] is None]
@@ -532,6 +723,7 @@ def merge_staging(cfg: dict, root: Path | None = None, *, append: bool = True) -
     touched: list[str] = []
     methods: dict[str, int] = {"append": 0, "rewrite": 0}
     conflicts: dict[str, dict] = {}
+    rounding: dict[str, dict] = {}
     bucket_rows: dict[str, dict[int, int]] = {"q": {}, "k": {}}
     rows_total: dict[str, int] = {}
 
@@ -547,6 +739,8 @@ def merge_staging(cfg: dict, root: Path | None = None, *, append: bool = True) -
             conflicts[cfg_name] = {"count": stats["conflicts"], "examples": stats["conflict_examples"]}
             log.warning("%s/%s: %d staged rows conflict with final rows (final rows kept)", split, cfg_name,
                         stats["conflicts"])
+        if stats["rounding"]:
+            rounding[cfg_name] = {"count": stats["rounding"], "max_relative_difference": stats["rounding_max"]}
         if stats["changed"]:
             touched.append(cfg_name)
             methods[stats["method"]] += 1
@@ -574,6 +768,12 @@ def merge_staging(cfg: dict, root: Path | None = None, *, append: bool = True) -
         "configs": len(rows_total),
         "conflicts": conflicts,
         "conflicts_total": int(sum(c["count"] for c in conflicts.values())),
+        # staged rows whose vector differs from the kept one by float rounding only (ROUNDING_RTOL), not counted above
+        "rounding_differences": rounding,
+        "rounding_differences_total": int(sum(r["count"] for r in rounding.values())),
+        "rounding_max_relative_difference": max((r["max_relative_difference"] for r in rounding.values()),
+                                                default=0.0),
+        "rounding_tolerance": dict(ROUNDING_RTOL),
         "chunks": [
             {
                 "chunk": m["chunk"], "example_range": m.get("example_range"), "examples": m.get("examples"),
@@ -586,9 +786,10 @@ def merge_staging(cfg: dict, root: Path | None = None, *, append: bool = True) -
         "buckets": {kind: {str(b): n for b, n in sorted(v.items())} for kind, v in sorted(bucket_rows.items()) if v},
         "merge_s": round(merge_s, 3),
     }
-    atomic_write_json(final / MERGED_NAME, result)
-    log.info("merged %d chunks into split %r: %d rows added to %d configs in %.1fs", len(chunks), split,
-             result["rows_added_total"], len(touched), merge_s)
+    if rounding:
+        log.info("split %r: %d staged rows in %d configs differ from the rows kept by float rounding only (at most "
+                 "%.2g relative; .merged.json: rounding_differences): not conflicts, the kept rows stay", split,
+                 result["rounding_differences_total"], len(rounding), result["rounding_max_relative_difference"])
     return result
 
 
@@ -603,7 +804,7 @@ def _run_summary(manifests: list[dict]) -> dict | None:
         "model": first.get("model"),
         "dataset": first.get("dataset"),
         "sampling": first.get("sampling"),
-        "num_chunks": first.get("num_chunks"),
+        "chunk_size": first.get("chunk_size"),
         "devices": sorted({str(m.get("device")) for m in manifests}),
         "versions": first.get("versions"),
         "timings": {

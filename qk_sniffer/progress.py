@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .layout import atomic_write_json, data_file, remove_stale_temps
+from .layout import DiskFullError, atomic_write_json, data_file, disk_full_errno, remove_stale_temps
 from .parquet import KEYS, summarize, write_parquet_atomic
 
 log = logging.getLogger("qk_sniffer")
@@ -191,9 +191,20 @@ class ChunkProgress:
         per config and each written file's summary (``qk_sniffer.parquet.summarize``, for the manifest)."""
         rows = self.totals()["rows"]
         names = sorted(n for n, count in rows.items() if count > 0)
-        # pyarrow decodes, sorts and encodes without the GIL: configs are assembled side by side
-        with ThreadPoolExecutor(max_workers=ASSEMBLE_WORKERS) as pool:
-            summaries = dict(zip(names, pool.map(self._assemble_one, names)))
+        try:
+            # pyarrow decodes, sorts and encodes without the GIL: configs are assembled side by side
+            with ThreadPoolExecutor(max_workers=ASSEMBLE_WORKERS) as pool:
+                summaries = dict(zip(names, pool.map(self._assemble_one, names)))
+        except BaseException as exc:
+            # the files assembled so far are made again from the segments by the rerun: their room is given back now
+            shutil.rmtree(self.out / "data", ignore_errors=True)
+            code = disk_full_errno(exc)
+            if code is not None:
+                path = exc.path if isinstance(exc, DiskFullError) else self.out / "data"
+                raise DiskFullError(path, code, "the chunk kept its checkpoints and wrote no manifest; free space there "
+                                                "and run the chunk again (it resumes from them without running the "
+                                                "model over its examples again)") from exc
+            raise
         return rows, summaries
 
     def _assemble_one(self, name: str) -> dict:

@@ -12,9 +12,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .layout import config_name, data_file
+from .layout import DiskFullError, config_name, data_file, disk_full_errno
 
 _DONE = object()
+FULL_HINT = ("the chunk stopped without its manifest and removed what it was writing; free space there and run the "
+             "chunk again (it resumes from its last checkpoint, if it made one)")
 
 
 def row_schema(head_dim: int, vector_dtype: str = "float32", token_strings: bool = False) -> pa.Schema:
@@ -84,8 +86,12 @@ class ChunkWriter:
         self._queue.put(_DONE)
         self._thread.join()
         self._check()
-        for writer in self._writers.values():
-            writer.close()
+        for name, writer in self._writers.items():
+            try:
+                writer.close()
+            except OSError as exc:
+                self._raise_if_full(exc, name)
+                raise
         for name, tmp in self._tmp.items():
             os.replace(tmp, data_file(self.out_dir, self.split, name))
         return dict(self.rows)
@@ -106,8 +112,16 @@ class ChunkWriter:
             tmp.unlink(missing_ok=True)
 
     def _check(self) -> None:
+        if isinstance(self._error, DiskFullError):
+            raise DiskFullError(self._error.path, self._error.errno, self._error.hint) from self._error
         if self._error is not None:
             raise RuntimeError(f"the Parquet writer failed: {self._error}") from self._error
+
+    def _raise_if_full(self, exc: BaseException, name: str) -> None:
+        """A full disk (or quota) while writing config ``name``: one line naming its file (DiskFullError)."""
+        code = disk_full_errno(exc)
+        if code is not None:
+            raise DiskFullError(data_file(self.out_dir, self.split, name), code, FULL_HINT) from exc
 
     # -- writer thread ------------------------------------------------------------------------
     def _run(self) -> None:
@@ -192,19 +206,25 @@ class ChunkWriter:
         for name, entry in self._buffers.items():
             if not entry["parts"]:
                 continue
-            writer = self._writers.get(name)
-            if writer is None:
-                final = data_file(self.out_dir, self.split, name)
-                final.parent.mkdir(parents=True, exist_ok=True)
-                tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-                # segments are read back once, at the chunk's end: a fast codec, and no dictionary for float
-                # vectors (they never repeat); the chunk's final files are written in the dataset's format
-                writer = pq.ParquetWriter(tmp, self.schema, compression="lz4", write_page_checksum=True,
-                                          use_dictionary=[n for n in self.schema.names if n != "vector"])
-                self._writers[name] = writer
-                self._tmp[name] = tmp
             parts, entry["parts"] = entry["parts"], []  # freed as soon as written: memory falls during a flush
-            writer.write_table(self._table(entry["key"], parts))
+            try:
+                self._writer(name).write_table(self._table(entry["key"], parts))
+            except OSError as exc:
+                self._raise_if_full(exc, name)
+                raise
             del parts
         self._buffers = {}
         self._buffered = 0
+
+    def _writer(self, name: str) -> pq.ParquetWriter:
+        writer = self._writers.get(name)
+        if writer is None:
+            final = data_file(self.out_dir, self.split, name)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._tmp[name] = final.with_name(f".{final.name}.tmp-{os.getpid()}")  # abort removes it
+            # segments are read back once, at the chunk's end: a fast codec, and no dictionary for float
+            # vectors (they never repeat); the chunk's final files are written in the dataset's format
+            writer = pq.ParquetWriter(tmp, self.schema, compression="lz4", write_page_checksum=True,
+                                      use_dictionary=[n for n in self.schema.names if n != "vector"])
+            self._writers[name] = writer
+        return writer
