@@ -290,6 +290,8 @@ def write_plans(chunks: MemberChunks) -> None:
             done = manifest_path(chunks.root, d.spec.chunk).stat().st_mtime
         except OSError:
             continue  # no manifest: the job runs because its output is missing
+        if same and (path.stat().st_mtime < done) == (not d.runs):
+            continue  # already says so: an up-to-date run leaves the data root exactly as it was
         when = done - 2 if not d.runs else max(time.time(), done + 2)
         os.utime(path, (when, when))
     base = Path(chunks.root) / PLANS_DIR

@@ -191,6 +191,13 @@ def load_model(cfg: dict, device: torch.device):
             "get_active_sniffer().capture(layer_idx, query_states, key_states, positions, sliding_window) in its "
             "attention forward (see models/README.md)"
         ) from exc
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":  # the config and tokenizer read, the weights do not
+            raise
+        raise ConfigError(
+            f"model.name: the weights of {name!r} cannot be read ({type(exc).__name__}: {exc}); the checkpoint is "
+            "damaged or incomplete: download it again (or point model.name at a complete copy)"
+        ) from exc
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise UnsupportedModelError(

@@ -36,11 +36,13 @@ def _one_line(exc: BaseException) -> str:
     return text if not isinstance(exc, OSError) or "Errno" not in text else f"{type(exc).__name__}: {text}"
 
 
-def preflight(plan, *, check_remotes: bool = True) -> list[str]:
+def preflight(plan, *, check_remotes: bool = True, dry_run: bool = False) -> list[str]:
     """Check every member and dataset root of ``plan`` (a :class:`qk_sniffer.sweep.Plan`); set each member's
     ``chunks``, write the plan files, and return the lines to show (which chunks run and why).
 
-    Raises :class:`PreflightError` with one line when a check fails; nothing is written then.
+    Raises :class:`PreflightError` with one line when a check fails; nothing is written then. In a dry run
+    (``dry_run``) a remote that would refuse the push is a line of the output instead: a dry run shows what a run
+    would do and needs no token.
     """
     from .model_check import check_model
     from .source_check import check_source
@@ -63,12 +65,7 @@ def preflight(plan, *, check_remotes: bool = True) -> list[str]:
             decided.append(chunks)
             lines += chunks.summary()
         if check_remotes:
-            from .remote_check import check_remote
-
-            for members in plan.datasets.values():
-                where = check_remote(members[0].cfg)
-                if where and where != "no remote":
-                    lines.append(f"{members[0].dataset}: {where}")
+            lines += _check_remotes(plan, dry_run)
     except PreflightError:
         raise
     except Exception as exc:
@@ -77,6 +74,36 @@ def preflight(plan, *, check_remotes: bool = True) -> list[str]:
         raise PreflightError(_one_line(exc)) from exc
     for chunks in decided:
         write_plans(chunks)
+    return lines
+
+
+def dry_run_requested(argv: list[str]) -> bool:
+    """Whether a snakemake command line asks for a dry run (``-n``, ``--dry-run``, ``--dryrun``, or ``-n`` among
+    clustered one-letter flags such as ``-np``). Snakemake reads the Snakefile before it sets up the dry run, so
+    the preflight cannot ask the workflow object."""
+    for arg in argv[1:]:
+        if arg == "--":
+            break
+        if arg in ("-n", "--dry-run", "--dryrun") or (len(arg) > 2 and arg[0] == "-" and arg[1] != "-"
+                                                      and arg[1:].isalpha() and "n" in arg):
+            return True
+    return False
+
+
+def _check_remotes(plan, dry_run: bool) -> list[str]:
+    from .remote_check import check_remote
+
+    lines = []
+    for members in plan.datasets.values():
+        try:
+            where = check_remote(members[0].cfg)
+        except Exception as exc:
+            if not dry_run or not _expected(exc):
+                raise
+            lines.append(f"{members[0].dataset}: a real run stops here: {_one_line(exc)}")
+            continue
+        if where and where != "no remote":
+            lines.append(f"{members[0].dataset}: {where}")
     return lines
 
 

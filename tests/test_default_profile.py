@@ -11,6 +11,7 @@ left incomplete are redone without asking.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import yaml
 
 from qk_sniffer.cli import DEFAULT_PROFILE
 
-from .conftest import REPO, base_config
+from .conftest import REPO, TINY_LLAMA, base_config
 
 pytestmark = pytest.mark.slow
 
@@ -61,14 +62,21 @@ def test_the_repository_profile_is_the_one_sniff_qk_uses():
 
 
 def test_a_failed_job_shows_its_log_and_does_not_stop_the_other(tmp_path):
-    work = workdir(tmp_path / "work", dataset={"max_samples": 12, "text_column": "nope"})
+    # a failure only the jobs meet (the preflight reads the model's config, not its weights): damaged weights
+    model = tmp_path / "model"
+    shutil.copytree(TINY_LLAMA, model)
+    (model / "model.safetensors").write_bytes(b"\0" * 64)
+    work = workdir(tmp_path / "work", model={"name": str(model)})
     res = run(plain(work), tmp_path)
     out = res.stdout + res.stderr
     assert res.returncode == 1, out
     assert f"Using workflow specific profile {REPO / 'profiles' / 'default'}" in out or \
         "workflow specific profile profiles/default" in out, out[:2000]
-    # show-failed-logs: the job's own log, with the one line that says what to fix, in snakemake's output
-    assert "dataset.text_column: column 'nope' is not in 'json'" in out, out[-4000:]
+    # show-failed-logs: the job's own log, with the one line that says what went wrong, in snakemake's output
+    log = (work / "root/logs/sniff_chunk/chunk-0.log").read_text()
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "model.name: the weights of" in errors[0] and "download it again" in errors[0], log
+    assert errors[0] in out and "Traceback" not in log, out[-4000:]
     # keep-going: the second chunk ran although the first failed (one at a time: 2 threads each, --cores 2)
     assert sorted(p.name for p in (work / "root/logs/sniff_chunk").glob("*.log")) == ["chunk-0.log", "chunk-1.log"]
 

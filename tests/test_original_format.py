@@ -154,6 +154,8 @@ def test_original_configs_dry_run(tmp_path, path):
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
     assert "sniff_chunk" in out and "merge_staging" in out and "dry-run" in out
+    # the dry run needs no token; it says the real run would stop at the remote check
+    assert "a real run stops here: output.hf_repo_id: pushing to" in out
     assert not any(work.glob("data/*/staging"))
 
 

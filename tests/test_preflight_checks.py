@@ -343,3 +343,14 @@ def test_missing_model_and_tokenizer_are_refused(tmp_path, root):
     _refused(check_model, cfg, root, "tokenizer.name", "does not exist")
     cfg = _model_config(root, TINY_LLAMA, tokenizer={"name": str(empty)})
     _refused(check_model, cfg, root, "tokenizer.name", "could not load the tokenizer")
+
+
+@pytest.mark.parametrize("argv, dry", [
+    (["snakemake", "-n"], True), (["snakemake", "--dry-run", "--cores", "2"], True), (["snakemake", "--dryrun"], True),
+    (["snakemake", "-np"], True), (["snakemake", "--cores", "2"], False), (["snakemake", "-p", "--configfile", "n"], False),
+    (["snakemake", "--", "-n"], False), (["snakemake", "-s", "Snakefile"], False),
+])
+def test_dry_run_is_read_from_the_command_line(argv, dry):
+    from qk_sniffer.preflight import dry_run_requested
+
+    assert dry_run_requested(argv) is dry
