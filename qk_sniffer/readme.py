@@ -23,8 +23,8 @@ import yaml
 from . import legacy
 from .config import data_root, sampling_settings, split_name
 from .layout import CONFIG_RE, atomic_write_text, final_dir, parse_config_name, remove_stale_temps
-from .merge import MERGED_NAME, bucket_counts, final_configs
 from .sampling import log_uniform_floor
+from .store import MERGED_NAME, bucket_counts, final_configs
 
 BEGIN = "<!-- qk-sniffer:begin -->"
 END = "<!-- qk-sniffer:end -->"

@@ -19,8 +19,9 @@ import pytest
 import yaml
 
 from qk_sniffer.layout import DiskFullError, chunk_dir, manifest_path
-from qk_sniffer.merge import MERGED_NAME, merge_staging
+from qk_sniffer.merge import merge_staging
 from qk_sniffer.progress import JOURNAL, SEGMENTS, ChunkProgress
+from qk_sniffer.store import MERGED_NAME
 
 from .conftest import CORPUS, REPO, base_config
 
