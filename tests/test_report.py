@@ -143,7 +143,7 @@ def test_rendering_twice_gives_the_same_bytes(final, rendered, tmp_path):
 def test_figures_are_drawn_here_when_worker_processes_fail(final, rendered, tmp_path, monkeypatch):
     from concurrent.futures.process import BrokenProcessPool
 
-    from qk_sniffer import report as report_module
+    from qk_sniffer.report import workflow_report as report_module
 
     class Broken:
         def submit(self, *args):
@@ -439,7 +439,7 @@ def test_large_model_layouts_draw(tmp_path):
 
 def test_vector_statistics_read_a_bounded_prefix_of_examples(final, rendered, tmp_path, monkeypatch):
     """Past VECTOR_SAMPLE_ROWS rows, norms and cosines come from a prefix of the examples; counts stay exact."""
-    import qk_sniffer.report as report
+    import qk_sniffer.report.scan as report
 
     _, src = final
     _, _, full = rendered
