@@ -1,0 +1,88 @@
+"""What every check of a verification shares: the data root, its ``final/`` folder, the records read once
+(``final/README.md``'s front matter and ``final/.merged.json``), the optional config, and the report that
+problems and warnings are added to (each named by its path relative to the data root)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..layout import final_dir
+from ..readme import ReadmeError, read_front_matter
+from .report import VerifyReport
+
+SAMPLE_ROWS = 2000  # rows per file whose sampling decision is recomputed
+REBUILD = ("rebuild it: delete it and rerun the chunks that produced it, then merge (or pull it from the remote "
+           "again after deleting final/.snapshot.json)")
+
+
+def read_json(path: Path) -> tuple[dict | None, str | None]:
+    """The JSON object in ``path``, or None and why it is not one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return None, str(exc)
+    if not isinstance(data, dict):
+        return None, f"the top level is a {type(data).__name__}, not an object"
+    return data, None
+
+
+@dataclass
+class VerifyContext:
+    """One verification of the data root ``root``: what the checks read and the report they write to.
+
+    ``cfg`` is the validated config passed in (or None); ``sample_rows`` bounds the rows per file whose
+    sampling decision is recomputed (None: all). ``front`` and ``merged`` are filled by :meth:`load_records`.
+    """
+
+    root: Path
+    cfg: dict | None = None
+    sample_rows: int | None = SAMPLE_ROWS
+    final: Path = field(init=False)
+    report: VerifyReport = field(init=False)
+    front: dict | None = field(default=None, init=False)  # README front matter when it parses
+    merged: dict | None = field(default=None, init=False)  # final/.merged.json when it parses
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        self.final = final_dir(self.root)
+        self.report = VerifyReport(root=self.root)
+
+    # reporting
+    def rel(self, path: Path) -> str:
+        """``path`` relative to the data root (as problems name it), else as given."""
+        try:
+            return Path(path).relative_to(self.root).as_posix()
+        except ValueError:
+            return str(path)
+
+    def problem(self, path: Path | str, what: str) -> None:
+        where = self.rel(path) if isinstance(path, Path) else path
+        self.report.problems.append(f"{where}: {what}")
+
+    def warn(self, path: Path | str, what: str) -> None:
+        where = self.rel(path) if isinstance(path, Path) else path
+        self.report.warnings.append(f"{where}: {what}")
+
+    # the records
+    def load_records(self) -> None:
+        """Read the card's front matter and ``.merged.json`` once; a record that does not parse is a problem."""
+        readme = self.final / "README.md"
+        if readme.is_file():
+            try:
+                self.front, _ = read_front_matter(readme)
+            except (ReadmeError, OSError, UnicodeDecodeError) as exc:
+                self.problem(readme, f"cannot be read ({exc}); render it again (sniff-qk render-readme --config ...)")
+        merged = self.final / ".merged.json"
+        if merged.is_file():
+            self.merged, err = read_json(merged)
+            if err:
+                self.problem(merged, f"is not readable JSON ({err}); rerun merge to rewrite it")
+
+    def split_meta(self, split: str) -> dict | None:
+        """``qk_sniffer: splits: <split>:`` of the README front matter (run metadata), if recorded."""
+        own = (self.front or {}).get("qk_sniffer")
+        splits = own.get("splits") if isinstance(own, dict) else None
+        meta = splits.get(split) if isinstance(splits, dict) else None
+        return meta if isinstance(meta, dict) else None

@@ -1,0 +1,93 @@
+"""The staging check: ``staging/chunk-*/manifest.json`` parses, and every staged file it lists has exactly the
+row count it records (from the Parquet footer) and is the file the chunk wrote (size and footer digest, as
+recorded for the merge). A chunk without a manifest is unfinished, not corrupt: it is a warning. With a
+config, a chunk another config produced is a warning too (merge with this config refuses it).
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..chunk_plan import manifest_fingerprint_matches
+from ..config import chunk_fingerprint
+from ..layout import staging_dir
+from ..parquet import matches_summary, offset_map, read_footer
+from .context import VerifyContext, read_json
+
+CHUNK_DIR_RE = re.compile(r"chunk-(\d+)")
+
+
+def check_staged_chunks(ctx: VerifyContext) -> None:
+    """Check every finished chunk under ``staging/`` against its manifest, in chunk order."""
+    base = staging_dir(ctx.root)
+    if not base.is_dir():
+        return
+    fingerprint = matches = None
+    if ctx.cfg is not None:
+        fingerprint = chunk_fingerprint(ctx.cfg)
+        matches = manifest_fingerprint_matches
+    chunks = sorted((d for d in base.iterdir() if d.is_dir() and CHUNK_DIR_RE.fullmatch(d.name)),
+                    key=lambda d: int(d.name.split("-")[1]))
+    for d in chunks:
+        mf = d / "manifest.json"
+        if not mf.is_file():
+            ctx.warn(d, "has no manifest.json: an unfinished or crashed chunk, which merge ignores; rerun it "
+                        f"(snakemake {ctx.rel(mf)}) or delete it")
+            continue
+        manifest, err = read_json(mf)
+        if manifest is None:
+            ctx.problem(mf, f"is not readable JSON ({err}); delete {ctx.rel(d)} and rerun that chunk")
+            continue
+        ctx.report.checked["chunks"] += 1
+        rows, files = manifest.get("rows"), manifest.get("files")
+        summaries = manifest.get("summaries") if isinstance(manifest.get("summaries"), dict) else {}
+        if not isinstance(rows, dict) or not isinstance(files, dict):
+            ctx.problem(mf, f"has no rows/files mappings; delete {ctx.rel(d)} and rerun that chunk")
+            continue
+        if matches is not None and not matches(manifest, ctx.cfg):
+            ctx.warn(mf, f"was produced by another config (fingerprint {manifest.get('config_fingerprint')}, "
+                         f"the given config has {fingerprint}): merge with this config refuses it")
+        for name in sorted(set(files) - {k for k, v in rows.items() if isinstance(v, int) and v > 0}):
+            ctx.problem(mf, f"lists a file for {name!r} but no rows for it; delete {ctx.rel(d)} and rerun "
+                            "that chunk")
+        for name, count in sorted(rows.items()):
+            if not isinstance(count, int) or count <= 0:
+                if not isinstance(count, int) or count < 0:
+                    ctx.problem(mf, f"records {count!r} rows for {name!r}; delete {ctx.rel(d)} and rerun "
+                                    "that chunk")
+                continue
+            rel = files.get(name)
+            if not isinstance(rel, str):
+                ctx.problem(mf, f"records {count} rows for {name!r} but lists no file; delete {ctx.rel(d)} "
+                                "and rerun that chunk")
+                continue
+            p = d / rel
+            if not p.is_file():
+                ctx.problem(p, f"is missing although {ctx.rel(mf)} records {count} rows in it; delete "
+                               f"{ctx.rel(d)} and rerun that chunk")
+                continue
+            ctx.report.checked["staged_files"] += 1
+            try:
+                footer = read_footer(p)
+                got = footer.num_rows
+            except Exception as exc:  # noqa: BLE001
+                ctx.problem(p, f"is not readable Parquet ({type(exc).__name__}: {exc}); delete {ctx.rel(d)} "
+                               "and rerun that chunk")
+                continue
+            if got != count:
+                ctx.problem(p, f"holds {got:,} rows but {ctx.rel(mf)} records {count:,}; delete "
+                               f"{ctx.rel(d)} and rerun that chunk")
+            summary = summaries.get(name)
+            if summary is not None and not matches_summary(footer, summary):
+                ctx.problem(p, f"is not the file its chunk wrote (its size or footer differ from the record in "
+                               f"{ctx.rel(mf)}; merge would read it instead of trusting the record); delete "
+                               f"{ctx.rel(d)} and rerun that chunk")
+            elif isinstance(summary, dict):  # the record a merge trusts instead of reading the file
+                wrong = [what for what, right in (
+                    ("row count", summary.get("rows") == got),
+                    ("row groups' offsets", summary.get("row_group_offsets") in (None, offset_map(footer))),
+                ) if not right]
+                if wrong:
+                    ctx.problem(p, f"{ctx.rel(mf)} records its {' and '.join(wrong)} wrongly (a merge trusting "
+                                   f"that record would write a wrong file); delete {ctx.rel(d)} and rerun "
+                                   "that chunk")
