@@ -63,7 +63,7 @@ def preflight(plan, *, check_remotes: bool = True) -> list[str]:
             decided.append(chunks)
             lines += chunks.summary()
         if check_remotes:
-            from .remote_check import check_remote
+            from .remote.check import check_remote
 
             for members in plan.datasets.values():
                 where = check_remote(members[0].cfg)
