@@ -462,7 +462,7 @@ def cmd_stage(name: str, config: str | list[str]) -> int:
         return 0
     cfg = load_config(configs[0])
     if name == "pull":
-        from .remote import pull
+        from .remote.sync import pull
 
         pull(cfg)
     elif name == "merge":
@@ -474,9 +474,9 @@ def cmd_stage(name: str, config: str | list[str]) -> int:
 
         render_readme(cfg)
     elif name == "push":
-        from .remote import push
+        from .sweep_stages import push_one
 
-        push(cfg)
+        push_one(cfg)
     else:  # pragma: no cover - argparse restricts the names
         raise AssertionError(name)
     return 0

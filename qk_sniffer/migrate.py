@@ -298,7 +298,7 @@ def _alive(pid: int) -> bool:
 
 def _migrate(cfg, local, root: Path, final: Path, split: str, journal: dict, tmp: Path) -> dict:
     if local is None:
-        from .remote import remote_for
+        from .remote.configured import remote_for
 
         remote = remote_for(cfg)
         if remote is None:

@@ -91,7 +91,7 @@ def dry_run_requested(argv: list[str]) -> bool:
 
 
 def _check_remotes(plan, dry_run: bool) -> list[str]:
-    from .remote_check import check_remote
+    from .remote.check import check_remote
 
     lines = []
     for members in plan.datasets.values():

@@ -11,11 +11,14 @@ The rules pass one ``--config`` per member (the first member's data root is the 
 - ``push``: one push of everything; when the remote moved meanwhile: pull, merge every member, render, verify
   and push again (at most ``output.max_push_retries`` times, like a single config's push);
 - ``report``: the figures of every split of the dataset.
+
+The push of a single config lives here too (:func:`push_one`): :func:`qk_sniffer.remote.sync.push` knows
+nothing of merging, so the stage layer hands it the replay step (:func:`replay_merge`) it runs after pulling
+a remote that moved.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 
@@ -25,7 +28,7 @@ log = logging.getLogger("qk_sniffer")
 
 
 def pull_all(cfgs: list[dict]) -> dict:
-    from .remote import pull
+    from .remote.sync import pull
 
     return pull(cfgs[0])
 
@@ -65,16 +68,41 @@ def verify_all(cfgs: list[dict]):
     return report
 
 
+def replay_merge(cfg: dict, root: Path | None = None) -> None:
+    """The replay of a single config's push onto a moved remote, after the pull: merge its staged chunks into
+    ``final/`` again, render the card and verify; raises :class:`~qk_sniffer.remote.base.PushError` when what
+    the retry would publish fails verification."""
+    from .merge import merge_staging
+    from .readme import render_readme
+    from .remote.base import PushError
+    from .verify import verify
+
+    root = Path(root) if root is not None else data_root(cfg)
+    merge_staging(cfg, root)
+    render_readme(cfg, root)
+    report = verify(root, cfg=cfg)
+    if not report.ok:
+        raise PushError(f"after re-merging onto the moved remote, {root} fails verification; nothing more "
+                        f"was pushed:\n{report.format()}")
+
+
+def push_one(cfg: dict, root: Path | None = None, **limits) -> dict:
+    """The push stage of a single config: :func:`~qk_sniffer.remote.sync.push` with :func:`replay_merge` as its
+    replay. ``limits`` (``max_files``, ``max_bytes``) pass through."""
+    from .remote.sync import push
+
+    return push(cfg, root, replay=lambda: replay_merge(cfg, root), **limits)
+
+
 def push_all(cfgs: list[dict]) -> dict:
-    from .remote import PushError, RemoteMovedError, push
+    from .remote.base import PushError, RemoteMovedError
+    from .remote.sync import push
 
     first = cfgs[0]
     retries = int(first["output"].get("max_push_retries", 3))
-    once = copy.deepcopy(first)
-    once["output"]["max_push_retries"] = 0  # a moved remote comes back here: every member is merged again
     for attempt in range(retries + 1):
         try:
-            return push(once)
+            return push(first, replay=None)  # a moved remote comes back here: every member is merged again
         except PushError as exc:
             if not isinstance(exc.__cause__, RemoteMovedError):
                 raise

@@ -61,7 +61,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from qk_sniffer.readme import split_front_matter
-from qk_sniffer.remote import local_files
+from qk_sniffer.remote.local_tree import local_files
 from qk_sniffer.verify import verify
 
 from .conftest import REPO, assert_same_rows, base_config

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from qk_sniffer.hub import DEFAULT_RETRY
+from qk_sniffer.remote.hub_http import DEFAULT_RETRY
 from qk_sniffer.verify import verify
 
 from .fakehub import FakeHub

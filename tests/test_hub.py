@@ -18,9 +18,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from qk_sniffer.hub import HubError, HubRemote, RetryPolicy, file_hashes
-from qk_sniffer.remote import RemoteError, RemoteMovedError
-from qk_sniffer.secrets import MissingTokenError, get_token, redact, require_token
+from qk_sniffer.remote.base import RemoteError, RemoteMovedError
+from qk_sniffer.remote.credentials import MissingTokenError, get_token, redact, require_token
+from qk_sniffer.remote.hub import HubRemote, file_hashes
+from qk_sniffer.remote.hub_http import HubError, RetryPolicy
 
 from .fakehub import fake_hub_fixture, git_blob_sha1  # noqa: F401  (the fixture fake_hub)
 
@@ -281,7 +282,8 @@ def test_commit_needs_a_token_before_any_request(fake_hub, monkeypatch, tmp_path
 
 
 def test_describe_and_repo_id_checks(fake_hub):
-    from qk_sniffer.remote import Remote, remote_for
+    from qk_sniffer.remote.base import Remote
+    from qk_sniffer.remote.configured import remote_for
 
     assert isinstance(remote_for({"output": {**hub_cfg()["output"], "remote_dir": None}}), HubRemote)
     assert isinstance(make_remote(), Remote)
@@ -399,7 +401,8 @@ def assert_no_token(token: str, *bases: Path, texts: tuple[str, ...] = ()):
 def test_push_pull_load_rerun_and_remote_deletion(fake_hub, staged_chunks, tmp_path, caplog, capfd):
     import datasets
 
-    from qk_sniffer.remote import pull, push
+    from qk_sniffer.remote.sync import pull
+    from qk_sniffer.sweep_stages import push_one as push
 
     caplog.set_level(logging.DEBUG)
     cfg_a, root_a = new_root(tmp_path, "a", staged_chunks, [0, 1, 2])
@@ -442,7 +445,8 @@ def test_push_pull_load_rerun_and_remote_deletion(fake_hub, staged_chunks, tmp_p
 
 @pytest.mark.slow
 def test_concurrent_pushes_from_one_revision_end_in_the_union(fake_hub, staged_chunks, tmp_path, caplog):
-    from qk_sniffer.remote import pull, push
+    from qk_sniffer.remote.sync import pull
+    from qk_sniffer.sweep_stages import push_one as push
 
     caplog.set_level(logging.INFO)
     cfg_a, root_a = new_root(tmp_path, "a", staged_chunks, [0])

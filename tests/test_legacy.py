@@ -426,7 +426,8 @@ def test_pull_refuses_an_original_branch_and_migrate_reads_it(fake_hub, tmp_path
     assert "nothing changed" in capsys.readouterr().out and downloads(fake_hub) == n  # not even downloaded again
     # the way out: publish the converted split to another branch
     from qk_sniffer.readme import render_readme
-    from qk_sniffer.remote import pull, push
+    from qk_sniffer.remote.sync import pull
+    from qk_sniffer.sweep_stages import push_one as push
 
     other = base_config(root, output={"hf_repo_id": REPO, "hf_branch": "qk"})
     pull(other)

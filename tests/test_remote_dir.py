@@ -14,17 +14,12 @@ import pytest
 from qk_sniffer.config import ConfigError
 from qk_sniffer.merge import merge_staging
 from qk_sniffer.readme import render_readme, split_front_matter
-from qk_sniffer.remote import (
-    DirRemote,
-    PushError,
-    Remote,
-    RemoteMovedError,
-    local_files,
-    pull,
-    push,
-    read_snapshot,
-    remote_for,
-)
+from qk_sniffer.remote.base import PushError, Remote, RemoteMovedError
+from qk_sniffer.remote.configured import remote_for
+from qk_sniffer.remote.directory import DirRemote
+from qk_sniffer.remote.local_tree import local_files
+from qk_sniffer.remote.sync import pull, read_snapshot
+from qk_sniffer.sweep_stages import push_one as push
 
 from .conftest import base_config, stage_chunks
 
@@ -257,7 +252,7 @@ def test_remote_selection(tmp_path):
 
 
 def test_pull_retries_when_a_commit_lands_mid_download(tmp_path, staged, monkeypatch):
-    import qk_sniffer.remote as remote_mod
+    import qk_sniffer.remote.directory as remote_mod
 
     remote_dir = tmp_path / "remote"
     a = _root(tmp_path, "a", staged)

@@ -23,11 +23,15 @@ import yaml
 
 from qk_sniffer.cli import main
 from qk_sniffer.config import ConfigError
-from qk_sniffer.hub import HubError, RepoTypeError, bound_http, http_timeout, require_hub_token, retry_policy
 from qk_sniffer.legacy import OriginalDatasetError
-from qk_sniffer.remote import SNAPSHOT_NAME, DirRemote, RemoteError, pull, push
-from qk_sniffer.remote_check import check_remote
-from qk_sniffer.secrets import MissingTokenError
+from qk_sniffer.remote.base import RemoteError
+from qk_sniffer.remote.check import check_remote
+from qk_sniffer.remote.credentials import MissingTokenError, require_hub_token
+from qk_sniffer.remote.directory import DirRemote
+from qk_sniffer.remote.hub import RepoTypeError
+from qk_sniffer.remote.hub_http import HubError, bound_http, http_timeout, retry_policy
+from qk_sniffer.remote.sync import SNAPSHOT_NAME, pull
+from qk_sniffer.sweep_stages import push_one as push
 
 from .conftest import base_config, build_final
 from .fakehub import fake_hub_fixture  # noqa: F401  (the fixture fake_hub)

@@ -16,7 +16,7 @@ nothing, locally or remotely. Each refusal is one line naming the config field a
 - ``output.remote_dir``: the directory, or its nearest existing parent, accepts a new file from this
   process; its record (``.qk-remote.json``) reads; it holds no dataset of the original tool.
 
-Network time is bounded as in the stages (:mod:`qk_sniffer.hub`: ``QK_SNIFFER_HTTP_TIMEOUT_S``
+Network time is bounded as in the stages (:mod:`qk_sniffer.remote.hub_http`: ``QK_SNIFFER_HTTP_TIMEOUT_S``
 seconds per request, ``QK_SNIFFER_HTTP_RETRIES`` attempts).
 """
 
@@ -25,22 +25,22 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from . import legacy
-from .remote import DirRemote, RemoteError, remote_for
-from .secrets import MissingTokenError
-
-if TYPE_CHECKING:
-    from .hub import HubRemote
+from .. import legacy
+from .base import RemoteError
+from .configured import remote_for
+from .credentials import TOKENS_URL, MissingTokenError
+from .directory import DirRemote
+from .hub import HubRemote
+from .hub_http import HubError
 
 ORG_CREATE_ROLES = ("admin", "write", "contributor")  # roles in an organisation that may create repositories
 
 
 def check_remote(cfg: dict) -> str:
     """Check that the remote of ``cfg`` (a validated config) can be pulled and pushed; return one line saying what
-    was found ("no remote" without one). Raises :class:`~qk_sniffer.remote.RemoteError` (or
-    :class:`~qk_sniffer.secrets.MissingTokenError`, :class:`~qk_sniffer.legacy.OriginalDatasetError`,
+    was found ("no remote" without one). Raises :class:`~qk_sniffer.remote.base.RemoteError` (or
+    :class:`~qk_sniffer.remote.credentials.MissingTokenError`, :class:`~qk_sniffer.legacy.OriginalDatasetError`,
     :class:`~qk_sniffer.config.ConfigError`) with one line naming the config field and the fix."""
     remote = remote_for(cfg)
     if remote is None:
@@ -111,8 +111,6 @@ def _fine_grained_writes(fine: dict, entities: set[tuple[str, str]]) -> bool:
 
 
 def _check_hub(remote: HubRemote, private: bool) -> str:
-    from .hub import TOKENS_URL, HubError
-
     repo = remote.repo_id
     namespace = repo.split("/")[0]
     if not remote.token:

@@ -2,8 +2,10 @@
 
 ``HF_TOKEN`` is read from the environment first, then from a ``.env`` file in the working
 directory (parsed with python-dotenv's ``dotenv_values``; ``os.environ`` is left untouched).
-The token is passed explicitly to ``huggingface_hub`` and never written to logs, manifests,
-snapshots or the dataset; :func:`redact` scrubs it from any text that leaves the package.
+Without it, :func:`hub_token` falls back to the token ``huggingface_hub`` finds on its own (a
+login stored by ``hf auth login``). The token is passed explicitly to ``huggingface_hub`` and
+never written to logs, manifests, snapshots or the dataset; :func:`redact` scrubs it from any
+text that leaves the package.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dotenv import dotenv_values
 
 TOKEN_VAR = "HF_TOKEN"
 MASK = "***"
+TOKENS_URL = "https://huggingface.co/settings/tokens"
 # Shape of Hugging Face access tokens ("hf_" + 30 or more letters/digits). Scrubbed even when
 # the value is not the configured token, e.g. one that a server echoed back in an error.
 _TOKEN_SHAPE = re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")
@@ -50,6 +53,24 @@ def require_token(repo_id: str, env_file: str | Path | None = None) -> str:
         raise MissingTokenError(
             f"push to {repo_id} needs HF_TOKEN in the environment or .env "
             "(a write token from https://huggingface.co/settings/tokens; e.g. a line HF_TOKEN=hf_... in ./.env)"
+        )
+    return token
+
+
+def hub_token() -> str | None:
+    """``HF_TOKEN`` (environment, then ``./.env``), else the token ``huggingface_hub`` finds (a stored login)."""
+    from huggingface_hub import get_token as client_token  # on first use, like every huggingface_hub import here
+
+    return get_token() or client_token()
+
+
+def require_hub_token(repo_id: str) -> str:
+    """The token for a push to ``repo_id``; raises :class:`MissingTokenError` saying how to provide one."""
+    token = hub_token()
+    if not token:
+        raise MissingTokenError(
+            f"push to {repo_id} needs HF_TOKEN in the environment or .env (a write token from {TOKENS_URL}; "
+            "e.g. a line HF_TOKEN=hf_... in ./.env), or a login stored by `hf auth login`"
         )
     return token
 
