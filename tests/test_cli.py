@@ -23,7 +23,7 @@ from qk_sniffer.cli import (
 )
 from qk_sniffer.config import chunk_fingerprint, load_config
 
-from .conftest import REPO, base_config
+from .support.tiny_data import REPO, base_config
 
 SNIFF_QK = Path(sys.executable).parent / "sniff-qk"
 

@@ -22,7 +22,7 @@ import yaml
 
 from qk_sniffer.cli import DEFAULT_PROFILE
 
-from .conftest import REPO, base_config
+from .support.tiny_data import REPO, base_config
 
 pytestmark = pytest.mark.slow
 

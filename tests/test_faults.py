@@ -1,13 +1,13 @@
 """Faults: the workflow killed at random points loses and corrupts nothing; the token stays off disk and out of output.
 
-The kill-and-resume trials are tests/faults.py (its docstring says what each trial does and checks).
+The kill-and-resume trials are tests/support/faults.py (its docstring says what each trial does and checks).
 Here a few seeded trials run, one per stage (sniff_chunk, merge_staging, render_readme, push_hub),
-against the fake Hub of tests/fakehub.py running in this process (about 2.5 minutes on 2 cores with
+against the fake Hub of tests/support/fakehub.py running in this process (about 2.5 minutes on 2 cores with
 the reference run; the whole module about 3.5). The full run, 20 trials (about 10 minutes):
 
     QK_FAULT_TRIALS=20 pytest tests/test_faults.py -k random
 
-(``QK_FAULT_SEED`` changes the seed; ``python -m tests.faults --trials 20`` is the same without pytest.)
+(``QK_FAULT_SEED`` changes the seed; ``python -m tests.support.faults --trials 20`` is the same without pytest.)
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import pytest
 from qk_sniffer.hub import DEFAULT_RETRY
 from qk_sniffer.verify import verify
 
-from .fakehub import FakeHub
-from .faults import (
+from .support.fakehub import FakeHub
+from .support.faults import (
     STAGES,
     FaultHarness,
     clone,

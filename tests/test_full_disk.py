@@ -22,7 +22,7 @@ from qk_sniffer.layout import DiskFullError, chunk_dir, manifest_path
 from qk_sniffer.merge import MERGED_NAME, merge_staging
 from qk_sniffer.progress import JOURNAL, SEGMENTS, ChunkProgress
 
-from .conftest import CORPUS, REPO, base_config
+from .support.tiny_data import CORPUS, REPO, base_config
 
 SPLIT = "tiny"
 REQUIRE_MOUNT = "QK_SNIFFER_REQUIRE_MOUNT"

@@ -16,7 +16,7 @@ import yaml
 
 from qk_sniffer.config import ConfigError, chunk_fingerprint, ignored_keys, load_config, validate_config
 
-from .conftest import REPO
+from .support.tiny_data import REPO
 from .test_cli import SNIFF_QK, cli_env
 
 FIXTURES = REPO / "tests" / "fixtures" / "original"

@@ -23,7 +23,7 @@ from qk_sniffer.readme import (
     split_front_matter,
 )
 
-from .conftest import base_config, merged_sections, stage_chunks
+from .support.tiny_data import base_config, merged_sections, stage_chunks
 
 SECTIONS = {"workflow": {"num_chunks": 2}, "dataset": {"max_samples": 12}}
 SPLIT = "tiny"

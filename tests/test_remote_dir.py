@@ -26,7 +26,7 @@ from qk_sniffer.remote import (
     remote_for,
 )
 
-from .conftest import base_config, stage_chunks
+from .support.tiny_data import base_config, stage_chunks
 
 SECTIONS = {"workflow": {"num_chunks": 2}, "dataset": {"max_samples": 12}}
 SPLIT = "tiny"

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from .conftest import base_config
+from .support.tiny_data import base_config
 from .test_workflow import final_files, manifests, mtimes, snakemake
 
 pytestmark = pytest.mark.slow

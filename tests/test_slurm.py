@@ -1,4 +1,4 @@
-"""The shipped SLURM profile on a real single-node SLURM cluster (tests/slurm_cluster.py).
+"""The shipped SLURM profile on a real single-node SLURM cluster (tests/support/slurm_cluster.py, fixture ``slurm``).
 
 The workflow runs with ``--profile workflow/profiles/slurm`` followed by a test overlay profile
 generated from it, which changes only what this machine needs: the partition (``main``), no
@@ -18,7 +18,6 @@ QK_SNIFFER_REQUIRE_SLURM=1 (as in CI), which turns the skip into a failure.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import re
@@ -33,8 +32,7 @@ import yaml
 
 from qk_sniffer.readme import read_front_matter
 
-from .conftest import REPO, base_config
-from .slurm_cluster import local_slurm, unavailable_reason
+from .support.tiny_data import REPO, base_config
 
 pytestmark = pytest.mark.slow
 
@@ -43,19 +41,6 @@ SPLIT = "tiny"
 NUM_CHUNKS = 2
 RUN_TIMEOUT = 600
 SUBMITTED_RE = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (\S+)\)\.")
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    reason = unavailable_reason()
-    if reason is None and importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
-        reason = "the SLURM executor plugin is not installed (pip install snakemake-executor-plugin-slurm)"
-    if reason:
-        if os.environ.get("QK_SNIFFER_REQUIRE_SLURM", "").strip() in ("1", "true", "yes"):
-            pytest.fail(f"QK_SNIFFER_REQUIRE_SLURM is set but {reason}")
-        pytest.skip(reason)
-    with local_slurm(tmp_path_factory.mktemp("slurm"), partition="main") as cluster:
-        yield cluster
 
 
 def overlay_profile(path: Path, partition: str, **sniff_resources) -> Path:

@@ -28,9 +28,9 @@ from qk_sniffer.config import ConfigError
 from qk_sniffer.readme import read_front_matter
 from qk_sniffer.sweep import plan_files
 
-from .conftest import CORPUS, REPO, TINY_LLAMA
-from .fakehub import fake_hub_fixture  # noqa: F401  (the fixture fake_hub)
-from .faults import hub_env
+from .support.fakehub import fake_hub_fixture  # noqa: F401  (the fixture fake_hub)
+from .support.faults import hub_env
+from .support.tiny_data import CORPUS, REPO, TINY_LLAMA
 
 SNIFF_QK = Path(sys.executable).parent / "sniff-qk"
 HUB_REPO = "tester/qk-sweep"

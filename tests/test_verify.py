@@ -17,7 +17,7 @@ from qk_sniffer.readme import split_front_matter
 from qk_sniffer.sampling import SHARED_HEAD, SamplerSpec, bucket_of, keep_probability, token_u
 from qk_sniffer.verify import verify
 
-from .conftest import base_config, build_final
+from .support.tiny_data import base_config, build_final
 
 # two splits with different samplers: "tiny" (log_uniform, heads share positions) and "tiny_u"
 # (uniform, per head); staging/ holds the two chunks of the last one

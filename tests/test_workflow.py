@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from .conftest import REPO, assert_same_rows, base_config
+from .support.rows import assert_same_rows
+from .support.tiny_data import REPO, base_config
 
 pytestmark = pytest.mark.slow
 

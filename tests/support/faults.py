@@ -1,7 +1,7 @@
 """Fault injection: SIGKILL the whole workflow at seeded random moments, resume it, compare with a clean run.
 
 Each trial runs the tiny-model workflow (``snakemake -s Snakefile --directory WORK --configfile CFG
---cores 2`` in its own process group, pushing to a repository on the fake Hub of tests/fakehub.py,
+--cores 2`` in its own process group, pushing to a repository on the fake Hub of tests/support/fakehub.py,
 which runs in this process) and kills the process group with SIGKILL at a moment chosen by a seeded
 random generator, inside one of four stages:
 
@@ -27,7 +27,7 @@ Trials aimed at the stages after the chunks start from a copy of the reference's
 taken once its chunks were staged, so only the sniff_chunk trials pay for the model runs. The full
 run, 20 trials (about 10 minutes on 2 cores), from the repository root:
 
-    python -m tests.faults --trials 20 --seed 0
+    python -m tests.support.faults --trials 20 --seed 0
 
 (``QK_FAULT_TRIALS=20 pytest tests/test_faults.py -k random`` runs the same through pytest.)
 """
@@ -64,8 +64,9 @@ from qk_sniffer.readme import split_front_matter
 from qk_sniffer.remote import local_files
 from qk_sniffer.verify import verify
 
-from .conftest import REPO, assert_same_rows, base_config
 from .fakehub import FakeHub
+from .rows import assert_same_rows
+from .tiny_data import REPO, base_config
 
 STAGES = ("sniff_chunk", "merge_staging", "render_readme", "push_hub")
 PUSH_TRIGGERS = ("preupload", "lfs_batch", "lfs_put", "commit", "commit_answer_lost")
@@ -779,7 +780,7 @@ def summarize(results: list[TrialResult], wall_s: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.faults", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tests.support.faults", description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=20, help="number of kill-and-resume trials (default 20)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     parser.add_argument("--keep", metavar="DIR", default=None,
