@@ -32,7 +32,6 @@ from .support.fakehub import FakeHub
 from .support.faults import (
     STAGES,
     FaultHarness,
-    clone,
     glob_match,
     remote_problems,
     run_snakemake,
@@ -42,6 +41,7 @@ from .support.faults import (
     temp_files,
     tree_problems,
 )
+from .support.workflow_runs import copy_workdir
 from .test_fakehub import CARD
 
 TRIALS = int(os.environ.get("QK_FAULT_TRIALS", "4"))
@@ -135,7 +135,7 @@ def test_write_killed_inside_final_does_not_block_the_rerun(harness, tmp_path):
     SIGKILL inside it, exactly where a kill of merge_staging mid-write lands; the rerun of the
     merge (and what follows it) must clean up after it rather than fail verify_dataset forever.
     """
-    work = clone(harness.reference_work, tmp_path / "work")
+    work = copy_workdir(harness.reference_work, tmp_path / "work")
     set_repo(work, "tester/faults-killed-write")
     target = work / "root" / "final" / "data" / "tiny" / "l00h00q" / "data.parquet"
     code = ("import os, signal, sys\nfrom pathlib import Path\nfrom qk_sniffer.layout import atomic_output\n"
@@ -210,7 +210,7 @@ def test_token_is_nowhere_on_disk_or_in_output(harness, tmp_path):
 
     # a push the Hub refuses with 500, its error message echoing the token back
     repo = "tester/faults-refused"
-    work = clone(ref, tmp_path / "work")
+    work = copy_workdir(ref, tmp_path / "work")
     set_repo(work, repo)
     harness.hub.fail_next("POST", rf"^/api/datasets/{repo}/commit/", "status", status=500,
                           message=f"internal error (request authorized with {TOKEN})", times=100)

@@ -66,7 +66,7 @@ from qk_sniffer.verify import verify
 
 from .fakehub import FakeHub
 from .rows import assert_same_rows
-from .tiny_data import REPO, base_config
+from .workflow_runs import copy_workdir, final_files, make_workdir, manifests, snakemake_cmd, write_yaml
 
 STAGES = ("sniff_chunk", "merge_staging", "render_readme", "push_hub")
 PUSH_TRIGGERS = ("preupload", "lfs_batch", "lfs_put", "commit", "commit_answer_lost")
@@ -92,23 +92,21 @@ TEMP_MARKERS = (".tmp", ".pull-tmp-")
 # -- config, environment, file checks ----------------------------------------------------------
 
 
-def make_workdir(path: Path, repo_id: str | None, **sections) -> Path:
-    """A working directory holding ``cfg.yaml``: the tiny Llama, 24 examples in 3 chunks of 4 batches, data root
+# each trial's config: the tiny Llama, 24 examples in 3 chunks of 4 batches
+WORKDIR_SECTIONS = {
+    "dataset": {"max_samples": 24},
+    "tokenizer": {"max_length": 48},
+    # a checkpoint after every batch, so a kill inside a chunk leaves segments that the rerun resumes from
+    "inference": {"batch_size": 2, "checkpoint_every_s": 1e-9},
+    "workflow": {"num_chunks": NUM_CHUNKS},
+}
+
+
+def trial_workdir(path: Path, repo_id: str | None, **sections) -> Path:
+    """A working directory holding ``cfg.yaml`` (``WORKDIR_SECTIONS``, pushing to ``repo_id`` when given), data root
     ``root`` (relative, so a copy of the directory is self-contained)."""
-    path.mkdir(parents=True, exist_ok=True)
     output = {"hf_repo_id": repo_id} if repo_id else {}
-    sections = {
-        "dataset": {"max_samples": 24},
-        "tokenizer": {"max_length": 48},
-        # a checkpoint after every batch, so a kill inside a chunk leaves segments that the rerun resumes from
-        "inference": {"batch_size": 2, "checkpoint_every_s": 1e-9},
-        "workflow": {"num_chunks": NUM_CHUNKS},
-        "output": output,
-        **sections,
-    }
-    cfg = base_config(Path("root"), **sections)
-    (path / "cfg.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-    return path
+    return make_workdir(path, {**WORKDIR_SECTIONS, "output": output}, **sections)
 
 
 def hub_env(hub: FakeHub, token: str | None, hf_home: Path, gpu_locks: Path) -> dict[str, str]:
@@ -132,11 +130,6 @@ def hub_env(hub: FakeHub, token: str | None, hf_home: Path, gpu_locks: Path) -> 
     if token:
         env["HF_TOKEN"] = token
     return env
-
-
-def snakemake_cmd(work: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work),
-            "--configfile", str(work / "cfg.yaml"), "--cores", "2", *extra]
 
 
 def is_temp_name(name: str) -> bool:
@@ -235,15 +228,13 @@ def local_problems(root: Path) -> list[str]:
 
 def read_configs(root: Path) -> dict[str, pl.DataFrame]:
     """Config name -> its final rows sorted by (example_id, position)."""
-    base = root / "final" / "data" / SPLIT
-    return {p.parent.name: pl.read_parquet(p).sort(["example_id", "position"])
-            for p in sorted(base.glob("*/data.parquet"))}
+    return {name: pl.read_parquet(p).sort(["example_id", "position"]) for name, p in final_files(root, SPLIT).items()}
 
 
 def resumed_chunks(root: Path) -> int:
     """Chunk manifests that record a resume from checkpoints."""
     n = 0
-    for mf in root.glob("staging/chunk-*/manifest.json"):
+    for mf in manifests(root).values():
         try:
             n += bool(json.loads(mf.read_text(encoding="utf-8")).get("resumed"))
         except (OSError, ValueError):
@@ -433,16 +424,10 @@ def _watch(root: Path, seen: dict[str, float]) -> Callable[[], bool]:
     return poll
 
 
-def clone(src: Path, dst: Path) -> Path:
-    """Copy a working directory with its mtimes (Snakemake then sees the same state)."""
-    shutil.copytree(src, dst, symlinks=True)
-    return dst
-
-
 def set_repo(work: Path, repo_id: str) -> None:
     cfg = yaml.safe_load((work / "cfg.yaml").read_text(encoding="utf-8"))
     cfg["output"]["hf_repo_id"] = repo_id
-    (work / "cfg.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    write_yaml(work / "cfg.yaml", cfg)
 
 
 # -- trials ------------------------------------------------------------------------------------
@@ -524,7 +509,7 @@ class FaultHarness:
         if self.reference_work is not None:
             return self.reference_work
         repo = f"{USER}/faults-reference"
-        work = make_workdir(self.base / "reference", repo)
+        work = trial_workdir(self.base / "reference", repo)
         root = work / "root"
         env = self.env("reference")
         manifests = [f"root/staging/chunk-{i}/manifest.json" for i in range(NUM_CHUNKS)]
@@ -538,7 +523,7 @@ class FaultHarness:
             self.timings.seen.update(seen)
             phases.append(res.wall_s)
             if name == "chunks":
-                self.staged_work = clone(work, self.base / "staged")
+                self.staged_work = copy_workdir(work, self.base / "staged")
         self.timings.total = sum(phases)
         for i in range(NUM_CHUNKS):
             man = json.loads((root / f"staging/chunk-{i}/manifest.json").read_text(encoding="utf-8"))
@@ -627,9 +612,9 @@ class FaultHarness:
         repo = f"{USER}/faults-{self.seed}-{index}"
         name = f"trial-{index:02d}"
         if stage == "sniff_chunk":
-            work = make_workdir(self.base / name, repo)
+            work = trial_workdir(self.base / name, repo)
         else:
-            work = clone(self.staged_work, self.base / name)
+            work = copy_workdir(self.staged_work, self.base / name)
             set_repo(work, repo)
         root = work / "root"
         plan = self.plan(stage, rng, work, repo)
