@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from .support.slurm_cluster import local_slurm, unavailable_reason
-from .support.tiny_data import TINY_LLAMA, base_config, stage_chunks
+from .support.tiny_data import DEMO_CHUNKS, TINY_LLAMA, base_config, stage_chunks
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -42,11 +42,6 @@ def make_config(tmp_path):
         return base_config(tmp_path / "root", **sections)
 
     return make
-
-
-# The staged chunks several test files start from: the tiny Llama over the demo corpus's first 12 examples, in two
-# chunks (6 + 6), every layer and head.
-DEMO_CHUNKS = {"workflow": {"num_chunks": 2}, "dataset": {"max_samples": 12}}
 
 
 @pytest.fixture(scope="session")

@@ -26,18 +26,17 @@ from qk_sniffer.remote import (
     remote_for,
 )
 
-from .support.tiny_data import base_config, stage_chunks
+from .support.tiny_data import DEMO_CHUNKS, base_config
 
-SECTIONS = {"workflow": {"num_chunks": 2}, "dataset": {"max_samples": 12}}
+SECTIONS = DEMO_CHUNKS  # what the session fixture staged_demo_chunks staged
 SPLIT = "tiny"
 KEYS = ["example_id", "position"]
 
 
-@pytest.fixture(scope="module")
-def staged(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("remote-staged") / "root"
-    stage_chunks(root, **SECTIONS)
-    return root
+@pytest.fixture
+def staged(staged_demo_chunks) -> Path:
+    """The session's two staged chunks of ``SECTIONS``; copied by each test."""
+    return staged_demo_chunks
 
 
 def _cfg(root: Path, remote: Path | None, **output) -> dict:

@@ -1,6 +1,6 @@
 """The tiny Llama and the demo corpus: validated configs over them, and real data roots built in this process.
 
-``base_config`` is the config every test starts from; ``stage_chunks`` and ``build_final`` run the real
+``base_config`` is the config every test starts from; ``stage_chunks``, ``merge_and_render`` and ``build_final`` run the real
 sniff-chunk, merge and card code on it (no Snakemake), for tests that need real staged chunks or a real final
 dataset. They import the model code (torch) when called, so that importing this module, which every test session
 does through ``tests/conftest.py``, stays cheap.
@@ -17,6 +17,9 @@ from qk_sniffer.config import validate_config
 REPO = Path(__file__).resolve().parent.parent.parent
 TINY_LLAMA = REPO / "models" / "tiny" / "llama"
 CORPUS = REPO / "config" / "demo" / "corpus.jsonl"
+# the staged chunks several test files start from (the session fixture ``staged_demo_chunks``): the demo corpus's
+# first 12 examples in two chunks (6 + 6), every layer and head
+DEMO_CHUNKS = {"workflow": {"num_chunks": 2}, "dataset": {"max_samples": 12}}
 
 
 def write_corpus(path: Path, texts: list[str]) -> Path:
@@ -74,12 +77,18 @@ def stage_chunks(root: Path, **sections) -> dict:
     return cfg
 
 
-def build_final(root: Path, **sections) -> dict:
-    """A real final dataset: every chunk staged, merged, and the card rendered; returns the config."""
+def merge_and_render(root: Path, **sections) -> dict:
+    """The chunks already staged under ``root/staging`` merged into ``final/`` and the card rendered; returns the config."""
     from qk_sniffer.merge import merge_staging
     from qk_sniffer.readme import render_readme
 
-    cfg = stage_chunks(root, **sections)
+    cfg = base_config(root, **sections)
     merge_staging(cfg)
     render_readme(cfg)
     return cfg
+
+
+def build_final(root: Path, **sections) -> dict:
+    """A real final dataset: every chunk staged, merged, and the card rendered; returns the config."""
+    stage_chunks(root, **sections)
+    return merge_and_render(root, **sections)
