@@ -1,4 +1,4 @@
-"""The real ``huggingface_hub`` and ``datasets`` clients against the fake Hub of tests/support/fakehub.py.
+"""The real ``huggingface_hub`` and ``datasets`` clients against the fake Hub of tests/support/fakehub/.
 
 These pin down that the fake answers what the clients actually call, so the tests of the Hub
 remote exercise the real client code over real HTTP.

@@ -1,7 +1,7 @@
 """The Hub remote (qk_sniffer/hub.py) and the token handling (qk_sniffer/secrets.py).
 
 Everything runs the real ``huggingface_hub`` client over HTTP against the fake Hub of
-tests/support/fakehub.py; the end-to-end tests push and pull real staged chunks of the tiny Llama
+tests/support/fakehub/; the end-to-end tests push and pull real staged chunks of the tiny Llama
 through ``qk_sniffer.remote`` and read them back with ``datasets.load_dataset``.
 """
 

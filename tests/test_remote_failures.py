@@ -1,7 +1,7 @@
 """What goes wrong with a remote, reported early and on one line: check_remote (qk_sniffer/remote_check.py),
 HTTP 401/403 at push time, a model or space named as the dataset, and a Hub that never answers.
 
-The Hub tests run the real ``huggingface_hub`` client over HTTP against the fake Hub of tests/support/fakehub.py
+The Hub tests run the real ``huggingface_hub`` client over HTTP against the fake Hub of tests/support/fakehub/
 (tokens of each role, organisations, repositories of each type); the hung remote is a real socket that
 accepts connections and never answers.
 """
