@@ -1,8 +1,8 @@
 """Faults: the workflow killed at random points loses and corrupts nothing; the token stays off disk and out of output.
 
-The kill-and-resume trials are tests/support/faults.py (its docstring says what each trial does and checks).
+The kill-and-resume trials are tests/support/faults/ (its docstring says what each trial does and checks).
 Here a few seeded trials run, one per stage (sniff_chunk, merge_staging, render_readme, push_hub),
-against the fake Hub of tests/support/fakehub.py running in this process (about 2.5 minutes on 2 cores with
+against the fake Hub of tests/support/fakehub/ running in this process (about 2.5 minutes on 2 cores with
 the reference run; the whole module about 3.5). The full run, 20 trials (about 10 minutes):
 
     QK_FAULT_TRIALS=20 pytest tests/test_faults.py -k random
