@@ -1,19 +1,18 @@
-"""Shared fixtures: tiny real-architecture checkpoints, the demo corpus, configs in tmp dirs."""
+"""Shared fixtures: tiny real-architecture checkpoints, configs in tmp dirs, staged demo chunks, a SLURM cluster.
+
+The helpers these fixtures are built from live in ``tests/support/``.
+"""
 
 from __future__ import annotations
 
-import copy
-import json
+import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 
-from qk_sniffer.config import validate_config
-
-REPO = Path(__file__).resolve().parent.parent
-TINY_LLAMA = REPO / "models" / "tiny" / "llama"
-CORPUS = REPO / "config" / "demo" / "corpus.jsonl"
+from .support.slurm_cluster import local_slurm, unavailable_reason
+from .support.tiny_data import DEMO_CHUNKS, TINY_LLAMA, base_config, stage_chunks
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -37,42 +36,6 @@ def tiny_models(tmp_path_factory):
     return get
 
 
-def write_corpus(path: Path, texts: list[str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        for i, t in enumerate(texts):
-            fh.write(json.dumps({"doc_id": f"doc-{i:05d}", "text": t}) + "\n")
-    return path
-
-
-def base_config(data_root: Path, *, model_dir: Path = TINY_LLAMA, corpus: Path = CORPUS, **sections) -> dict:
-    """A validated config over the demo corpus and a tiny model, writing under ``data_root``.
-
-    ``sections`` update the raw config section by section, e.g. ``capture={"layers": [0]}``.
-    """
-    raw = {
-        "dataset": {"path": "json", "data_files": str(corpus), "split": "train", "max_samples": 40},
-        "model": {"name": str(model_dir)},
-        "tokenizer": {"max_length": 96},
-        "inference": {"batch_size": 8},
-        "capture": {"min_bucket_size": 8, "sampler": {"type": "log_uniform", "base_rate": 2.0}},
-        "output": {"data_root": str(data_root), "split_name": "tiny"},
-        "workflow": {"num_chunks": 1},
-    }
-    for key, value in sections.items():
-        if isinstance(value, dict):
-            merged = copy.deepcopy(raw.get(key, {}))
-            for k, v in value.items():
-                if isinstance(v, dict) and isinstance(merged.get(k), dict):
-                    merged[k] = {**merged[k], **v}
-                else:
-                    merged[k] = v
-            raw[key] = merged
-        else:
-            raw[key] = value
-    return validate_config(raw)
-
-
 @pytest.fixture
 def make_config(tmp_path):
     def make(**sections):
@@ -81,55 +44,29 @@ def make_config(tmp_path):
     return make
 
 
-def merged_sections(*parts: dict) -> dict:
-    """Config sections layered left to right, one level deep (``{"dataset": {...}, ...}``)."""
-    out: dict = {}
-    for part in parts:
-        for key, value in part.items():
-            out[key] = {**out.get(key, {}), **value} if isinstance(value, dict) else value
-    return out
+@pytest.fixture(scope="session")
+def staged_demo_chunks(tmp_path_factory) -> Path:
+    """A data root holding only ``staging/`` with the two chunks of ``DEMO_CHUNKS``, staged once per session.
+
+    Read-only for the tests: a test that merges, damages or extends them copies them first (``shutil.copytree``).
+    """
+    root = tmp_path_factory.mktemp("demo-staged") / "root"
+    stage_chunks(root, **DEMO_CHUNKS)
+    return root
 
 
-def stage_chunks(root: Path, **sections) -> dict:
-    """Run every chunk of the config (the real sniff-chunk code) into ``root/staging``; return the config."""
-    from qk_sniffer.chunk import run_chunk
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A real single-node SLURM cluster for one module; skipped where SLURM or its executor plugin is missing.
 
-    cfg = base_config(root, **sections)
-    for i in range(cfg["workflow"]["num_chunks"]):
-        run_chunk(cfg, i)
-    return cfg
-
-
-def build_final(root: Path, **sections) -> dict:
-    """A real final dataset: every chunk staged, merged, and the card rendered; returns the config."""
-    from qk_sniffer.merge import merge_staging
-    from qk_sniffer.readme import render_readme
-
-    cfg = stage_chunks(root, **sections)
-    merge_staging(cfg)
-    render_readme(cfg)
-    return cfg
-
-
-# Two separate CPU processes computing the same chunk did not always agree to the last bit: an
-# occasional process got the first call of the rotary embedding's cos wrong (~2e-4) in half of the
-# batch's rows, which the tiny random Llama's 0.2-std weights amplify to ~2e-3 in the vectors.
-# sniff-chunk now computes its first batch twice and drops the first result, after which repeated
-# processes gave identical vectors; comparisons across processes keep this margin all the same (keys
-# and every other column are compared exactly).
-CROSS_PROCESS_RTOL = 2e-3
-
-
-def assert_same_rows(a, b, what: str = "") -> None:
-    """Two Arrow tables or polars frames sorted by key: equal keys and columns, vectors to CROSS_PROCESS_RTOL."""
-    import numpy as np
-
-    a, b = (t.to_arrow() if hasattr(t, "to_arrow") else t for t in (a, b))
-    for col in a.column_names:
-        if col != "vector":
-            assert a[col].equals(b[col]), f"{what}: column {col} differs"
-            continue
-        vx, vy = (np.stack(t[col].to_numpy(zero_copy_only=False)) for t in (a, b))
-        scale = np.maximum(np.abs(vy).max(axis=1, keepdims=True), 1e-30)
-        err = float((np.abs(vx - vy) / scale).max()) if vx.size else 0.0
-        assert vx.shape == vy.shape and err <= CROSS_PROCESS_RTOL, f"{what}: vectors differ (relative {err:.2e})"
+    QK_SNIFFER_REQUIRE_SLURM=1 (as in CI) turns the skip into a failure.
+    """
+    reason = unavailable_reason()
+    if reason is None and importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
+        reason = "the SLURM executor plugin is not installed (pip install snakemake-executor-plugin-slurm)"
+    if reason:
+        if os.environ.get("QK_SNIFFER_REQUIRE_SLURM", "").strip() in ("1", "true", "yes"):
+            pytest.fail(f"QK_SNIFFER_REQUIRE_SLURM is set but {reason}")
+        pytest.skip(reason)
+    with local_slurm(tmp_path_factory.mktemp("slurm"), partition="main") as cluster:
+        yield cluster

@@ -183,7 +183,7 @@ def test_deepseek_v3_dataset_vectors_have_the_mla_head_size(tiny_models, tmp_pat
     import pyarrow.parquet as pq
     from transformers import AutoConfig
 
-    from .conftest import stage_chunks
+    from .support.tiny_data import stage_chunks
 
     model_dir = tiny_models("deepseek_v3")
     c = AutoConfig.from_pretrained(model_dir)

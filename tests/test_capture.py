@@ -18,8 +18,8 @@ from qk_sniffer.capture import Sniffer
 from qk_sniffer.chunk import Capturer
 from qk_sniffer.modeling import attention_modules, backbone_of, layer_windows, load_model, resolve_capture
 
-from .conftest import TINY_LLAMA
 from .reference_qk import padded_batch
+from .support.tiny_data import TINY_LLAMA
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog, again and again, until the dog wakes up.",

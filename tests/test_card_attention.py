@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .conftest import build_final
+from .support.tiny_data import build_final
 
 
 def _card_and_manifest(root):

@@ -18,7 +18,7 @@ from qk_sniffer.config import ConfigError
 from qk_sniffer.layout import chunk_dir, manifest_path
 from qk_sniffer.sampling import SHARED_HEAD, SamplerSpec, bucket_of, keep_probability, token_u
 
-from .conftest import write_corpus
+from .support.tiny_data import write_corpus
 
 
 def staged(root, split="tiny") -> dict[str, pl.DataFrame]:
@@ -113,7 +113,7 @@ def _vectors_equal(a: dict, b: dict, atol: float) -> None:
 
 
 def test_identical_output_for_batch_sizes_chunks_and_padding_side(tmp_path):
-    from .conftest import base_config
+    from .support.tiny_data import base_config
 
     runs = {}
     for label, batch, chunks, side in [("b1", 1, 1, "right"), ("b3", 3, 1, "right"), ("b8", 8, 4, "left"),
@@ -186,7 +186,7 @@ def test_token_strings(make_config):
 
 
 def test_empty_texts_skipped_and_counted_and_string_ids(tmp_path):
-    from .conftest import base_config
+    from .support.tiny_data import base_config
 
     corpus = write_corpus(tmp_path / "c.jsonl", ["hello world", "", "   ", "another text here", "last"])
     cfg = base_config(tmp_path / "root", corpus=corpus, dataset={"id_column": "doc_id", "max_samples": None},
@@ -203,7 +203,7 @@ def test_empty_texts_skipped_and_counted_and_string_ids(tmp_path):
 
 
 def test_more_chunks_than_examples_gives_empty_recorded_chunks(tmp_path):
-    from .conftest import base_config
+    from .support.tiny_data import base_config
 
     corpus = write_corpus(tmp_path / "c.jsonl", ["one text", "two texts"])
     cfg = base_config(tmp_path / "root", corpus=corpus, dataset={"max_samples": None}, workflow={"num_chunks": 4})
@@ -261,7 +261,7 @@ def test_clear_errors(make_config, sections, match):
 
 
 def test_empty_dataset_is_an_error(tmp_path):
-    from .conftest import base_config
+    from .support.tiny_data import base_config
 
     corpus = write_corpus(tmp_path / "empty.jsonl", [])
     cfg = base_config(tmp_path / "root", corpus=corpus, dataset={"max_samples": None})
@@ -273,7 +273,7 @@ def test_empty_dataset_is_an_error(tmp_path):
 def test_non_utf8_rows_in_a_binary_column_are_skipped_and_counted(tmp_path):
     import pyarrow as pa
 
-    from .conftest import base_config
+    from .support.tiny_data import base_config
 
     texts = [b"valid text one", b"\xff\xfe broken \xc3", "caf\u00e9 ok".encode(), b"", None]
     pq.write_table(pa.table({"text": pa.array(texts, pa.binary())}), tmp_path / "bin.parquet")
@@ -285,7 +285,7 @@ def test_non_utf8_rows_in_a_binary_column_are_skipped_and_counted(tmp_path):
 
 
 def test_non_utf8_text_file_is_a_clear_error(tmp_path):
-    from .conftest import base_config
+    from .support.tiny_data import base_config
 
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"fine line\n\xff\xfe not utf-8\n")

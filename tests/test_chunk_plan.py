@@ -13,7 +13,7 @@ from qk_sniffer.chunk_plan import decide, layout, manifest_fingerprint_matches, 
 from qk_sniffer.config import ConfigError, chunk_fingerprint, legacy_chunk_fingerprint
 from qk_sniffer.layout import manifest_path
 
-from .conftest import base_config
+from .support.tiny_data import base_config
 
 
 def test_a_fresh_root_is_divided_by_num_chunks_and_keeps_its_ranges_when_extended():

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from qk_sniffer.cli import (
     DEFAULT_PROFILE,
@@ -23,21 +22,8 @@ from qk_sniffer.cli import (
 )
 from qk_sniffer.config import chunk_fingerprint, load_config
 
-from .conftest import REPO, base_config
-
-SNIFF_QK = Path(sys.executable).parent / "sniff-qk"
-
-
-def cli_env(tmp_path: Path, **extra: str) -> dict:
-    env = {**os.environ, "QK_SNIFFER_GPUS": "", "QK_SNIFFER_GPU_LOCK_DIR": str(tmp_path / "gpu-locks"), **extra}
-    env.pop("QK_SNIFFER_DEBUG", None)
-    return env
-
-
-def write_yaml(path: Path, data: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    return path
+from .support.tiny_data import REPO, base_config
+from .support.workflow_runs import SNIFF_QK, workflow_env, write_yaml
 
 
 @pytest.fixture
@@ -77,7 +63,7 @@ def test_run_help_explains_passthrough(capsys):
 
 def test_unknown_key_exits_2_with_did_you_mean(bad_config, tmp_path):
     res = subprocess.run([str(SNIFF_QK), "sniff-chunk", "--config", str(bad_config), "--chunk", "0"],
-                         capture_output=True, text=True, env=cli_env(tmp_path), check=False)
+                         capture_output=True, text=True, env=workflow_env(tmp_path), check=False)
     assert res.returncode == 2
     assert "error: invalid config file" in res.stderr
     assert "unknown key 'dataset.max_sample'. Did you mean 'max_samples'?" in res.stderr
@@ -134,7 +120,7 @@ def test_python_m_sniff_chunk_writes_a_complete_chunk(tmp_path):
     root = tmp_path / "root"
     cfg = base_config(root, dataset={"max_samples": 10}, tokenizer={"max_length": 48}, workflow={"num_chunks": 2})
     path = write_yaml(tmp_path / "cfg.yaml", cfg)
-    env = cli_env(tmp_path, QK_SNIFFER_GPUS="7")  # a pretend GPU: the lease must hand it out
+    env = workflow_env(tmp_path, QK_SNIFFER_GPUS="7")  # a pretend GPU: the lease must hand it out
     res = subprocess.run([sys.executable, "-m", "qk_sniffer", "sniff-chunk", "--config", str(path), "--chunk", "1",
                           "--threads", "1"],
                          capture_output=True, text=True, env=env, cwd=tmp_path, check=False)
@@ -167,7 +153,7 @@ def test_fingerprint_mismatch_is_refused_before_any_work(tmp_path):
     plan.write_text(ChunkSpec(chunk=0, start=0, stop=4, chunk_size=4, fingerprint="0123456789abcdef").to_json())
     res = subprocess.run([sys.executable, "-m", "qk_sniffer", "sniff-chunk", "--config", str(path), "--chunk", "0",
                           "--plan", str(plan)],
-                         capture_output=True, text=True, env=cli_env(tmp_path), cwd=tmp_path, check=False)
+                         capture_output=True, text=True, env=workflow_env(tmp_path), cwd=tmp_path, check=False)
     assert res.returncode == 2
     assert "fingerprint 0123456789abcdef) does not match the config" in res.stderr
     assert not (root / "staging").exists()
@@ -212,7 +198,7 @@ def test_run_dry_run_passes_arguments_through(tmp_path):
     cfg = base_config(Path("root"), workflow={"num_chunks": 2})
     path = write_yaml(tmp_path / "cfg.yaml", cfg)
     res = subprocess.run([str(SNIFF_QK), "--config", "cfg.yaml", "-n", "--cores", "1"], capture_output=True,
-                         text=True, env=cli_env(tmp_path), cwd=tmp_path, check=False)
+                         text=True, env=workflow_env(tmp_path), cwd=tmp_path, check=False)
     assert res.returncode == 0, res.stderr + res.stdout
     out = res.stdout + res.stderr
     assert "sniff_chunk" in out and "push_hub" in out and "dry-run" in out

@@ -82,7 +82,7 @@ def test_split_names():
 
 @pytest.mark.parametrize("path", ["config/config.yaml", "config/gemma3.yaml", "config/llama.yaml", "config/qwen3.yaml"])
 def test_shipped_configs_validate(path):
-    from .conftest import REPO
+    from .support.tiny_data import REPO
 
     cfg = load_config(REPO / path)
     assert cfg["dataset"]["path"] and cfg["model"]["name"]
@@ -90,7 +90,7 @@ def test_shipped_configs_validate(path):
 
 def test_config_readme_documents_every_schema_key():
     """config/README.md has a section per schema section and a row for every key in it."""
-    from .conftest import REPO
+    from .support.tiny_data import REPO
 
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     text = (REPO / "config/README.md").read_text()

@@ -23,21 +23,16 @@ import yaml
 
 from qk_sniffer.cli import DEFAULT_PROFILE
 
-from .conftest import REPO, TINY_LLAMA, base_config
+from .support.tiny_data import REPO, TINY_LLAMA
+from .support.workflow_runs import make_workdir, workflow_env
 
 pytestmark = pytest.mark.slow
 
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
 TIMEOUT = 600
-
-
-def workdir(path: Path, **sections) -> Path:
-    path.mkdir(parents=True)
-    sections.setdefault("dataset", {"max_samples": 12})
-    cfg = base_config(Path("root"), tokenizer={"max_length": 32}, capture={"layers": [0]},
-                      workflow={"num_chunks": 2}, **sections)
-    (path / "cfg.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-    return path
+# each run: 12 examples of the demo corpus in 2 chunks, layer 0 only
+WORKDIR_SECTIONS = {"dataset": {"max_samples": 12}, "tokenizer": {"max_length": 32}, "capture": {"layers": [0]},
+                    "workflow": {"num_chunks": 2}}
 
 
 def plain(work: Path, *extra: str, **kw) -> list[str]:
@@ -47,8 +42,7 @@ def plain(work: Path, *extra: str, **kw) -> list[str]:
 
 
 def run(cmd: list[str], tmp: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "QK_SNIFFER_GPUS": "", "QK_SNIFFER_GPU_LOCK_DIR": str(tmp / "gpu-locks")}
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    return subprocess.run(cmd, cwd=REPO, env=workflow_env(tmp), capture_output=True, text=True, timeout=TIMEOUT, check=False)
 
 
 def test_the_repository_profile_is_the_one_sniff_qk_uses():
@@ -66,7 +60,7 @@ def test_a_failed_job_shows_its_log_and_does_not_stop_the_other(tmp_path):
     model = tmp_path / "model"
     shutil.copytree(TINY_LLAMA, model)
     (model / "model.safetensors").write_bytes(b"\0" * 64)
-    work = workdir(tmp_path / "work", model={"name": str(model)})
+    work = make_workdir(tmp_path / "work", WORKDIR_SECTIONS, model={"name": str(model)})
     res = run(plain(work), tmp_path)
     out = res.stdout + res.stderr
     assert res.returncode == 1, out
@@ -82,7 +76,7 @@ def test_a_failed_job_shows_its_log_and_does_not_stop_the_other(tmp_path):
 
 
 def test_a_killed_run_is_redone_without_asking(tmp_path):
-    work = workdir(tmp_path / "work")
+    work = make_workdir(tmp_path / "work", WORKDIR_SECTIONS)
     first = run(plain(work), tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     log = work / "root/logs/render_readme.log"

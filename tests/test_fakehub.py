@@ -1,4 +1,4 @@
-"""The real ``huggingface_hub`` and ``datasets`` clients against the fake Hub of tests/fakehub.py.
+"""The real ``huggingface_hub`` and ``datasets`` clients against the fake Hub of tests/support/fakehub/.
 
 These pin down that the fake answers what the clients actually call, so the tests of the Hub
 remote exercise the real client code over real HTTP.
@@ -30,7 +30,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from .fakehub import FakeHub, fake_hub_fixture, git_blob_sha1  # noqa: F401  (the fixture fake_hub)
+from .support.fakehub import FakeHub, fake_hub_fixture, git_blob_sha1  # noqa: F401  (the fixture fake_hub)
 
 REPO = "tester/qk"
 

@@ -1,13 +1,13 @@
 """Faults: the workflow killed at random points loses and corrupts nothing; the token stays off disk and out of output.
 
-The kill-and-resume trials are tests/faults.py (its docstring says what each trial does and checks).
+The kill-and-resume trials are tests/support/faults/ (its docstring says what each trial does and checks).
 Here a few seeded trials run, one per stage (sniff_chunk, merge_staging, render_readme, push_hub),
-against the fake Hub of tests/fakehub.py running in this process (about 2.5 minutes on 2 cores with
+against the fake Hub of tests/support/fakehub/ running in this process (about 2.5 minutes on 2 cores with
 the reference run; the whole module about 3.5). The full run, 20 trials (about 10 minutes):
 
     QK_FAULT_TRIALS=20 pytest tests/test_faults.py -k random
 
-(``QK_FAULT_SEED`` changes the seed; ``python -m tests.faults --trials 20`` is the same without pytest.)
+(``QK_FAULT_SEED`` changes the seed; ``python -m tests.support.faults --trials 20`` is the same without pytest.)
 """
 
 from __future__ import annotations
@@ -28,11 +28,10 @@ import pytest
 from qk_sniffer.remote.hub_http import DEFAULT_RETRY
 from qk_sniffer.verify import verify
 
-from .fakehub import FakeHub
-from .faults import (
+from .support.fakehub import FakeHub
+from .support.faults import (
     STAGES,
     FaultHarness,
-    clone,
     glob_match,
     remote_problems,
     run_snakemake,
@@ -42,6 +41,7 @@ from .faults import (
     temp_files,
     tree_problems,
 )
+from .support.workflow_runs import copy_workdir
 from .test_fakehub import CARD
 
 TRIALS = int(os.environ.get("QK_FAULT_TRIALS", "4"))
@@ -135,7 +135,7 @@ def test_write_killed_inside_final_does_not_block_the_rerun(harness, tmp_path):
     SIGKILL inside it, exactly where a kill of merge_staging mid-write lands; the rerun of the
     merge (and what follows it) must clean up after it rather than fail verify_dataset forever.
     """
-    work = clone(harness.reference_work, tmp_path / "work")
+    work = copy_workdir(harness.reference_work, tmp_path / "work")
     set_repo(work, "tester/faults-killed-write")
     target = work / "root" / "final" / "data" / "tiny" / "l00h00q" / "data.parquet"
     code = ("import os, signal, sys\nfrom pathlib import Path\nfrom qk_sniffer.layout import atomic_output\n"
@@ -210,7 +210,7 @@ def test_token_is_nowhere_on_disk_or_in_output(harness, tmp_path):
 
     # a push the Hub refuses with 500, its error message echoing the token back
     repo = "tester/faults-refused"
-    work = clone(ref, tmp_path / "work")
+    work = copy_workdir(ref, tmp_path / "work")
     set_repo(work, repo)
     harness.hub.fail_next("POST", rf"^/api/datasets/{repo}/commit/", "status", status=500,
                           message=f"internal error (request authorized with {TOKEN})", times=100)

@@ -23,7 +23,7 @@ from qk_sniffer.merge import merge_staging
 from qk_sniffer.progress import JOURNAL, SEGMENTS, ChunkProgress
 from qk_sniffer.store import MERGED_NAME
 
-from .conftest import CORPUS, REPO, base_config
+from .support.tiny_data import CORPUS, REPO, base_config
 
 SPLIT = "tiny"
 REQUIRE_MOUNT = "QK_SNIFFER_REQUIRE_MOUNT"

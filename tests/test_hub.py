@@ -1,7 +1,7 @@
-"""The Hub remote (qk_sniffer/hub.py) and the token handling (qk_sniffer/secrets.py).
+"""The Hub remote (qk_sniffer/remote/hub.py) and the token handling (qk_sniffer/remote/credentials.py).
 
 Everything runs the real ``huggingface_hub`` client over HTTP against the fake Hub of
-tests/fakehub.py; the end-to-end tests push and pull real staged chunks of the tiny Llama
+tests/support/fakehub/; the end-to-end tests push and pull real staged chunks of the tiny Llama
 through ``qk_sniffer.remote`` and read them back with ``datasets.load_dataset``.
 """
 
@@ -23,7 +23,7 @@ from qk_sniffer.remote.credentials import MissingTokenError, get_token, redact, 
 from qk_sniffer.remote.hub import HubRemote, file_hashes
 from qk_sniffer.remote.hub_http import HubError, RetryPolicy
 
-from .fakehub import fake_hub_fixture, git_blob_sha1  # noqa: F401  (the fixture fake_hub)
+from .support.fakehub import fake_hub_fixture, git_blob_sha1  # noqa: F401  (the fixture fake_hub)
 
 REPO = "tester/qk"
 FAST = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05, max_total=30)
@@ -341,7 +341,7 @@ SECTIONS = {
 
 
 def e2e_config(root: Path) -> dict:
-    from .conftest import base_config
+    from .support.tiny_data import base_config
 
     return base_config(root, output={"hf_repo_id": REPO}, **SECTIONS)
 

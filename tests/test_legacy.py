@@ -27,8 +27,8 @@ from qk_sniffer.readme import read_front_matter
 from qk_sniffer.verify import verify
 from qk_sniffer.writer import row_schema
 
-from .conftest import base_config
-from .fakehub import fake_hub_fixture  # noqa: F401  (the fixture fake_hub)
+from .support.fakehub import fake_hub_fixture  # noqa: F401  (the fixture fake_hub)
+from .support.tiny_data import base_config
 
 KEYS = ["example_id", "position"]
 D = 16  # the tiny Llama's head size, so captures of it can be appended to a migrated split

@@ -18,9 +18,10 @@ from qk_sniffer.merge import MergeError, merge_staging
 from qk_sniffer.parquet import read_footer
 from qk_sniffer.readme import render_readme, split_front_matter
 
-from .conftest import base_config, merged_sections, stage_chunks
+from .support.tiny_data import DEMO_CHUNKS, base_config, merged_sections, stage_chunks
+from .support.workflow_runs import final_files
 
-SECTIONS = {"workflow": {"num_chunks": 2}, "dataset": {"max_samples": 12}}
+SECTIONS = DEMO_CHUNKS  # what the session fixture staged_demo_chunks staged
 SPLIT = "tiny"
 KEYS = ["example_id", "position"]
 
@@ -30,10 +31,10 @@ def _stage(root: Path, **sections) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def staged(tmp_path_factory) -> Path:
-    """Two chunks of 12 examples (6 + 6), every layer and head; copied by each test."""
-    return _stage(tmp_path_factory.mktemp("merge-staged") / "root", **SECTIONS)
+@pytest.fixture
+def staged(staged_demo_chunks) -> Path:
+    """Two chunks of 12 examples (6 + 6), every layer and head (the session's, ``SECTIONS``); copied by each test."""
+    return staged_demo_chunks
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +69,8 @@ def _expected(paths: list[Path]) -> pl.DataFrame:
     return pl.concat(frames).unique(subset=KEYS, keep="first").sort(KEYS)
 
 
-def _final_files(root: Path) -> dict[str, Path]:
-    return {p.parent.name: p for p in sorted((root / "final" / "data" / SPLIT).glob("*/data.parquet"))}
-
-
 def _stamps(root: Path) -> dict[str, tuple[int, int]]:
-    return {n: (p.stat().st_mtime_ns, p.stat().st_ino) for n, p in _final_files(root).items()}
+    return {n: (p.stat().st_mtime_ns, p.stat().st_ino) for n, p in final_files(root).items()}
 
 
 def test_merge_equals_independent_union(tmp_path, staged):
@@ -81,7 +78,7 @@ def test_merge_equals_independent_union(tmp_path, staged):
     cfg = _cfg(root)
     result = merge_staging(cfg)
     staged_files = _staged_files(root)
-    finals = _final_files(root)
+    finals = final_files(root)
     assert set(finals) == set(staged_files) and len(finals) == 24
     bucket_rows: dict[str, dict[int, int]] = {"q": {}, "k": {}}
     for name, paths in staged_files.items():
@@ -115,7 +112,7 @@ def test_append_and_rewrite_give_the_same_files(tmp_path, staged):
     assert appended["methods"] == {"append": 24, "rewrite": 0} and rewritten["methods"] == {"append": 0, "rewrite": 24}
     for key in ("rows_added", "rows_total", "buckets", "conflicts"):
         assert appended[key] == rewritten[key], key
-    fa, fb = _final_files(a), _final_files(b)
+    fa, fb = final_files(a), final_files(b)
     assert set(fa) == set(fb)
     for name in fa:
         got = pq.ParquetFile(fa[name], page_checksum_verification=True)
@@ -139,7 +136,7 @@ def test_unsorted_or_foreign_staged_file_is_rewritten(tmp_path, staged):
     result = merge_staging(_cfg(root))
     assert result["methods"] == {"append": 22, "rewrite": 2}
     for name, paths in _staged_files(root).items():
-        got = pl.read_parquet(_final_files(root)[name])
+        got = pl.read_parquet(final_files(root)[name])
         assert got.equals(_expected(paths)), name
 
 
@@ -155,7 +152,7 @@ def test_footer_that_cannot_be_carried_over_falls_back_to_rewrite(tmp_path, stag
     result = merge_staging(_cfg(root))
     assert result["methods"] == {"append": 0, "rewrite": 24}
     for name, paths in _staged_files(root).items():
-        assert pl.read_parquet(_final_files(root)[name]).equals(_expected(paths)), name
+        assert pl.read_parquet(final_files(root)[name]).equals(_expected(paths)), name
 
 
 def test_appends_use_the_chunks_records_instead_of_reading_keys(tmp_path, staged, monkeypatch):
@@ -179,7 +176,7 @@ def test_appends_use_the_chunks_records_instead_of_reading_keys(tmp_path, staged
     assert sorted(parsed) == sorted(paths[0] for paths in _staged_files(root).values())
     patched.clear()
     for name, paths in _staged_files(root).items():
-        assert pl.read_parquet(_final_files(root)[name]).equals(_expected(paths)), name
+        assert pl.read_parquet(final_files(root)[name]).equals(_expected(paths)), name
     # manifests of an older qk-sniffer (no records): the keys are read from every file, same result
     other = _root(tmp_path / "b", staged)
     for mf in (other / "staging").glob("chunk-*/manifest.json"):
@@ -189,8 +186,8 @@ def test_appends_use_the_chunks_records_instead_of_reading_keys(tmp_path, staged
     result = merge_staging(_cfg(other))
     assert result["methods"] == {"append": 24, "rewrite": 0} and len(read) == 48 and patched == []
     assert result["buckets"] == json.loads((root / "final" / ".merged.json").read_text())["buckets"]
-    for name, path in _final_files(root).items():
-        assert path.read_bytes() == _final_files(other)[name].read_bytes()
+    for name, path in final_files(root).items():
+        assert path.read_bytes() == final_files(other)[name].read_bytes()
 
 
 def test_a_staged_file_that_no_longer_matches_its_record_is_read(tmp_path, staged):
@@ -208,7 +205,7 @@ def test_a_staged_file_that_no_longer_matches_its_record_is_read(tmp_path, stage
     result = merge_staging(_cfg(root))
     # trusting the stale record would have appended every key twice; reading the file finds the overlap
     assert result["methods"] == {"append": 23, "rewrite": 1}
-    got = pl.read_parquet(_final_files(root)[name])
+    got = pl.read_parquet(final_files(root)[name])
     assert got.select(KEYS).is_unique().all()
     assert got.equals(_expected(_staged_files(root)[name]))
 
@@ -218,11 +215,11 @@ def test_second_merge_rewrites_nothing(tmp_path, staged):
     cfg = _cfg(root)
     merge_staging(cfg)
     before = _stamps(root)
-    data = {n: p.read_bytes() for n, p in _final_files(root).items()}
+    data = {n: p.read_bytes() for n, p in final_files(root).items()}
     again = merge_staging(cfg)
     assert again["configs_touched"] == [] and again["rows_added_total"] == 0
     assert _stamps(root) == before
-    assert {n: p.read_bytes() for n, p in _final_files(root).items()} == data
+    assert {n: p.read_bytes() for n, p in final_files(root).items()} == data
     assert not list((root / "final").rglob("*.tmp"))
 
 
@@ -256,8 +253,8 @@ def test_later_chunk_adds_only_its_rows(tmp_path, staged):
     cfg = _cfg(root)
     first = merge_staging(cfg)
     assert first["rows_split_total"] == sum(first["rows_added"].values())
-    old = {n: pl.read_parquet(p) for n, p in _final_files(root).items()}
-    old_bytes = {n: (p.read_bytes(), read_footer(p).body_end) for n, p in _final_files(root).items()}
+    old = {n: pl.read_parquet(p) for n, p in final_files(root).items()}
+    old_bytes = {n: (p.read_bytes(), read_footer(p).body_end) for n, p in final_files(root).items()}
     shutil.copytree(staged / "staging" / "chunk-1", root / "staging" / "chunk-1")
     second = merge_staging(cfg)
     assert second["methods"] == {"append": 24, "rewrite": 0}
@@ -276,7 +273,7 @@ def test_later_chunk_adds_only_its_rows(tmp_path, staged):
 def test_more_examples_append_only_new_keys(tmp_path, staged, staged_more):
     root = _root(tmp_path, staged)
     merge_staging(_cfg(root))
-    old = {n: pl.read_parquet(p) for n, p in _final_files(root).items()}
+    old = {n: pl.read_parquet(p) for n, p in final_files(root).items()}
     shutil.rmtree(root / "staging")
     shutil.copytree(staged_more / "staging", root / "staging")
     cfg = base_config(root, workflow={"num_chunks": 2}, dataset={"max_samples": 20})

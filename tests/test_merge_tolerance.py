@@ -22,7 +22,7 @@ from qk_sniffer.layout import data_file
 from qk_sniffer.merge import CONFLICT, ROUNDING, ROUNDING_RTOL, SAME, compare_vectors, merge_staging
 from qk_sniffer.parquet import write_parquet_atomic
 
-from .conftest import base_config
+from .support.tiny_data import base_config
 
 SPLIT = "tiny"
 KEYS = ["example_id", "position"]

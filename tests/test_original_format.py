@@ -16,8 +16,8 @@ import yaml
 
 from qk_sniffer.config import ConfigError, chunk_fingerprint, ignored_keys, load_config, validate_config
 
-from .conftest import REPO
-from .test_cli import SNIFF_QK, cli_env
+from .support.tiny_data import REPO
+from .support.workflow_runs import SNIFF_QK, workflow_env
 
 FIXTURES = REPO / "tests" / "fixtures" / "original"
 ORIGINALS = sorted(FIXTURES.glob("*.yaml"))
@@ -150,7 +150,7 @@ def _workdir(tmp_path: Path) -> Path:
 def test_original_configs_dry_run(tmp_path, path):
     work = _workdir(tmp_path)
     res = subprocess.run([str(SNIFF_QK), "run", "--config", str(path), "-n", "--cores", "1"], capture_output=True,
-                         text=True, env=cli_env(tmp_path), cwd=work, check=False)
+                         text=True, env=workflow_env(tmp_path), cwd=work, check=False)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
     assert "sniff_chunk" in out and "merge_staging" in out and "dry-run" in out

@@ -17,7 +17,7 @@ import torch
 
 from qk_sniffer.config import ConfigError
 
-from .conftest import base_config, build_final, stage_chunks
+from .support.tiny_data import base_config, build_final, stage_chunks
 
 M64 = (1 << 64) - 1
 

@@ -21,7 +21,7 @@ from qk_sniffer.config import ConfigError
 from qk_sniffer.model_check import ModelInfo, check_model
 from qk_sniffer.source_check import SourceInfo, check_source
 
-from .conftest import CORPUS, TINY_LLAMA, base_config
+from .support.tiny_data import CORPUS, TINY_LLAMA, base_config
 
 
 def _jsonl(path, rows):

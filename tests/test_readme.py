@@ -23,17 +23,16 @@ from qk_sniffer.readme import (
     split_front_matter,
 )
 
-from .conftest import base_config, merged_sections, stage_chunks
+from .support.tiny_data import DEMO_CHUNKS, base_config, merged_sections
 
-SECTIONS = {"workflow": {"num_chunks": 2}, "dataset": {"max_samples": 12}}
+SECTIONS = DEMO_CHUNKS  # what the session fixture staged_demo_chunks staged
 SPLIT = "tiny"
 
 
-@pytest.fixture(scope="module")
-def staged(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("readme-staged") / "root"
-    stage_chunks(root, **SECTIONS)
-    return root
+@pytest.fixture
+def staged(staged_demo_chunks) -> Path:
+    """The session's two staged chunks of ``SECTIONS``; copied by each test."""
+    return staged_demo_chunks
 
 
 def _cfg(root: Path, **extra) -> dict:

@@ -21,18 +21,17 @@ from qk_sniffer.remote.local_tree import local_files
 from qk_sniffer.remote.sync import pull, read_snapshot
 from qk_sniffer.sweep_stages import push_one as push
 
-from .conftest import base_config, stage_chunks
+from .support.tiny_data import DEMO_CHUNKS, base_config
 
-SECTIONS = {"workflow": {"num_chunks": 2}, "dataset": {"max_samples": 12}}
+SECTIONS = DEMO_CHUNKS  # what the session fixture staged_demo_chunks staged
 SPLIT = "tiny"
 KEYS = ["example_id", "position"]
 
 
-@pytest.fixture(scope="module")
-def staged(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("remote-staged") / "root"
-    stage_chunks(root, **SECTIONS)
-    return root
+@pytest.fixture
+def staged(staged_demo_chunks) -> Path:
+    """The session's two staged chunks of ``SECTIONS``; copied by each test."""
+    return staged_demo_chunks
 
 
 def _cfg(root: Path, remote: Path | None, **output) -> dict:

@@ -1,7 +1,7 @@
-"""What goes wrong with a remote, reported early and on one line: check_remote (qk_sniffer/remote_check.py),
+"""What goes wrong with a remote, reported early and on one line: check_remote (qk_sniffer/remote/check.py),
 HTTP 401/403 at push time, a model or space named as the dataset, and a Hub that never answers.
 
-The Hub tests run the real ``huggingface_hub`` client over HTTP against the fake Hub of tests/fakehub.py
+The Hub tests run the real ``huggingface_hub`` client over HTTP against the fake Hub of tests/support/fakehub/
 (tokens of each role, organisations, repositories of each type); the hung remote is a real socket that
 accepts connections and never answers.
 """
@@ -33,8 +33,8 @@ from qk_sniffer.remote.hub_http import HubError, bound_http, http_timeout, retry
 from qk_sniffer.remote.sync import SNAPSHOT_NAME, pull
 from qk_sniffer.sweep_stages import push_one as push
 
-from .conftest import base_config, build_final
-from .fakehub import fake_hub_fixture  # noqa: F401  (the fixture fake_hub)
+from .support.fakehub import fake_hub_fixture  # noqa: F401  (the fixture fake_hub)
+from .support.tiny_data import base_config, build_final
 
 REPO = "tester/qk"
 TOKEN_401 = "output.hf_repo_id: the Hub token is invalid or expired (HTTP 401); "

@@ -28,8 +28,8 @@ from qk_sniffer.report import (
     rows_per_group,
 )
 
-from .conftest import CORPUS, REPO, TINY_LLAMA, merged_sections
-from .conftest import build_final as conftest_build_final
+from .support.tiny_data import CORPUS, REPO, TINY_LLAMA, merged_sections
+from .support.tiny_data import build_final as build_demo_final
 
 SPLIT = "tiny"
 SECTIONS = {"workflow": {"num_chunks": 2}, "dataset": {"max_samples": 24}}
@@ -38,7 +38,7 @@ BIN = 10 ** (1 / BINS_PER_DECADE)  # the relative width of one norm histogram bi
 
 def build_final(root: Path, **sections) -> dict:
     """A real final dataset: the tiny model over the demo corpus, two chunks merged, the card rendered."""
-    return conftest_build_final(root, **merged_sections(SECTIONS, sections))
+    return build_demo_final(root, **merged_sections(SECTIONS, sections))
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
-from .conftest import base_config
-from .test_workflow import final_files, manifests, mtimes, snakemake
+from .support.tiny_data import base_config
+from .support.workflow_runs import copy_workdir, final_files, manifests, mtimes, snakemake, write_yaml
 
 pytestmark = pytest.mark.slow
 
@@ -24,10 +23,7 @@ pytestmark = pytest.mark.slow
 def write_config(path: Path, root: Path, max_samples: int, **sections) -> Path:
     sections.setdefault("tokenizer", {"max_length": 48})
     sections.setdefault("workflow", {"num_chunks": 2})
-    cfg = base_config(root, dataset={"max_samples": max_samples}, **sections)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-    return path
+    return write_yaml(path, base_config(root, dataset={"max_samples": max_samples}, **sections))
 
 
 def run(workdir: Path, config: Path, *extra: str):
@@ -66,8 +62,7 @@ def first_run(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def clone(base: Path, dst: Path) -> tuple[Path, Path]:
-    shutil.copytree(base, dst, symlinks=True)  # copy2: modification times kept
-    return dst, dst / "data"
+    return copy_workdir(base, dst), dst / "data"
 
 
 def test_a_larger_max_samples_from_another_directory_runs_only_the_new_examples(first_run, tmp_path):

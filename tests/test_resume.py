@@ -19,8 +19,8 @@ from qk_sniffer.chunk import Capturer, run_chunk
 from qk_sniffer.layout import chunk_dir, manifest_path
 from qk_sniffer.progress import JOURNAL, SEGMENTS
 
-from .conftest import REPO, base_config
-from .conftest import assert_same_rows as assert_rows_close
+from .support.rows import assert_same_rows as assert_rows_close
+from .support.tiny_data import REPO, base_config
 from .test_chunk import staged
 
 EVERY_BATCH = 1e-9  # checkpoint interval that closes a segment after every batch

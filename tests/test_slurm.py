@@ -1,4 +1,4 @@
-"""The shipped SLURM profile on a real single-node SLURM cluster (tests/slurm_cluster.py).
+"""The shipped SLURM profile on a real single-node SLURM cluster (tests/support/slurm_cluster.py, fixture ``slurm``).
 
 The workflow runs with ``--profile workflow/profiles/slurm`` followed by a test overlay profile
 generated from it, which changes only what this machine needs: the partition (``main``), no
@@ -18,12 +18,10 @@ QK_SNIFFER_REQUIRE_SLURM=1 (as in CI), which turns the skip into a failure.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -33,29 +31,18 @@ import yaml
 
 from qk_sniffer.readme import read_front_matter
 
-from .conftest import REPO, base_config
-from .slurm_cluster import local_slurm, unavailable_reason
+from .support.tiny_data import REPO
+from .support.workflow_runs import final_files, make_workdir, snakemake_cmd
 
 pytestmark = pytest.mark.slow
 
 PROFILE = REPO / "workflow" / "profiles" / "slurm"
 SPLIT = "tiny"
 NUM_CHUNKS = 2
+# each run: 24 examples of the demo corpus in NUM_CHUNKS chunks
+WORKDIR_SECTIONS = {"dataset": {"max_samples": 24}, "tokenizer": {"max_length": 48}, "workflow": {"num_chunks": NUM_CHUNKS}}
 RUN_TIMEOUT = 600
 SUBMITTED_RE = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (\S+)\)\.")
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    reason = unavailable_reason()
-    if reason is None and importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
-        reason = "the SLURM executor plugin is not installed (pip install snakemake-executor-plugin-slurm)"
-    if reason:
-        if os.environ.get("QK_SNIFFER_REQUIRE_SLURM", "").strip() in ("1", "true", "yes"):
-            pytest.fail(f"QK_SNIFFER_REQUIRE_SLURM is set but {reason}")
-        pytest.skip(reason)
-    with local_slurm(tmp_path_factory.mktemp("slurm"), partition="main") as cluster:
-        yield cluster
 
 
 def overlay_profile(path: Path, partition: str, **sniff_resources) -> Path:
@@ -82,27 +69,12 @@ def overlay_profile(path: Path, partition: str, **sniff_resources) -> Path:
     return path
 
 
-def make_workdir(path: Path, **sections) -> Path:
-    path.mkdir(parents=True)
-    sections.setdefault("dataset", {"max_samples": 24})
-    sections.setdefault("tokenizer", {"max_length": 48})
-    sections.setdefault("workflow", {"num_chunks": NUM_CHUNKS})
-    cfg = base_config(Path("root"), **sections)
-    (path / "cfg.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-    return path
-
-
 def run_env(base: dict, tmp: Path) -> dict:
     """``base`` (the cluster's environment, or this process's for the local run) without a job context of its own."""
     env = {k: v for k, v in base.items() if not (k.startswith("SLURM_") and k != "SLURM_CONF")}
     env.update({"QK_SNIFFER_GPUS": "", "QK_SNIFFER_GPU_LOCK_DIR": str(tmp / "gpu-locks")})
     env.pop("QK_SNIFFER_DEBUG", None)
     return env
-
-
-def snakemake_cmd(work: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(work),
-            "--configfile", str(work / "cfg.yaml"), *extra]
 
 
 def describe(res: subprocess.CompletedProcess, work: Path, cluster=None) -> str:
@@ -113,8 +85,7 @@ def describe(res: subprocess.CompletedProcess, work: Path, cluster=None) -> str:
 
 
 def final_tables(work: Path) -> dict[str, object]:
-    files = sorted((work / "root" / "final" / "data" / SPLIT).glob("*/data.parquet"))
-    return {p.parent.name: pq.read_table(p) for p in files}
+    return {name: pq.read_table(p) for name, p in final_files(work / "root", SPLIT).items()}
 
 
 def card_metadata(card: dict) -> dict:
@@ -128,16 +99,16 @@ def card_metadata(card: dict) -> dict:
 
 def test_workflow_on_slurm_matches_local_run(slurm, tmp_path):
     cpu = {"inference": {"batch_size": 8, "device": "cpu"}}
-    on_slurm = make_workdir(tmp_path / "slurm", **cpu)
-    local = make_workdir(tmp_path / "local", **cpu)
+    on_slurm = make_workdir(tmp_path / "slurm", WORKDIR_SECTIONS, **cpu)
+    local = make_workdir(tmp_path / "local", WORKDIR_SECTIONS, **cpu)
     overlay = overlay_profile(tmp_path / "overlay-profile", slurm.partition)
 
     # the local reference runs at the same time: the SLURM run mostly waits for status checks
     started = time.monotonic()
-    local_proc = subprocess.Popen(snakemake_cmd(local, "--cores", "2"), cwd=local, env=run_env(os.environ, tmp_path),
+    local_proc = subprocess.Popen(snakemake_cmd(local), cwd=local, env=run_env(os.environ, tmp_path),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        res = subprocess.run(snakemake_cmd(on_slurm, "--profile", str(PROFILE), "--profile", str(overlay)),
+        res = subprocess.run(snakemake_cmd(on_slurm, "--profile", str(PROFILE), "--profile", str(overlay), cores=None),
                              cwd=on_slurm, env=run_env(slurm.env, tmp_path), capture_output=True, text=True,
                              timeout=RUN_TIMEOUT, check=False)
         slurm_s = time.monotonic() - started
@@ -208,7 +179,7 @@ def test_workflow_on_slurm_matches_local_run(slurm, tmp_path):
     before, other_mtime = json.loads(manifest.read_text()), other.stat().st_mtime_ns
     manifest.unlink()
     res = subprocess.run(snakemake_cmd(on_slurm, "--profile", str(PROFILE), "--profile", str(overlay),
-                                       "root/staging/chunk-1/manifest.json"),
+                                       "root/staging/chunk-1/manifest.json", cores=None),
                          cwd=on_slurm, env=run_env(slurm.env, tmp_path), capture_output=True, text=True,
                          timeout=RUN_TIMEOUT, check=False)
     assert res.returncode == 0, describe(res, on_slurm, slurm)
@@ -224,11 +195,12 @@ def test_workflow_on_slurm_matches_local_run(slurm, tmp_path):
 def test_gpu_chunks_request_gpus_from_slurm(slurm, tmp_path):
     """A GPU config: the shipped profile turns the rule's gpu resource into sbatch --gpus (with the
     model when gpu_model is set) and --cpus-per-gpu; this node has no GPUs, so SLURM refuses the job."""
-    work = make_workdir(tmp_path / "work", inference={"device": "auto"},
+    work = make_workdir(tmp_path / "work", WORKDIR_SECTIONS, inference={"device": "auto"},
                         workflow={"num_chunks": 1, "gpus_per_chunk": 2})
     overlay = overlay_profile(tmp_path / "overlay-profile", slurm.partition, gpu_model="testgpu")
     before = slurm.command("squeue", "--states=all", "--noheader", "--format=%i").stdout.split()
-    res = subprocess.run(snakemake_cmd(work, "--profile", str(PROFILE), "--profile", str(overlay), "--retries", "0"),
+    res = subprocess.run(snakemake_cmd(work, "--profile", str(PROFILE), "--profile", str(overlay), "--retries", "0",
+                                       cores=None),
                          cwd=work, env=run_env(slurm.env, tmp_path), capture_output=True, text=True,
                          timeout=RUN_TIMEOUT, check=False)
     text = res.stdout + res.stderr
@@ -249,12 +221,12 @@ def test_gpu_chunks_request_gpus_from_slurm(slurm, tmp_path):
 def test_a_bad_column_fails_in_the_preflight_before_any_sbatch(slurm, tmp_path):
     """A config naming a column the dataset lacks stops while Snakemake builds the DAG, in one line of its own
     output, before anything is submitted."""
-    work = make_workdir(tmp_path / "work", dataset={"max_samples": 24, "text_column": "body"},
+    work = make_workdir(tmp_path / "work", WORKDIR_SECTIONS, dataset={"max_samples": 24, "text_column": "body"},
                         inference={"device": "cpu"})
     overlay = overlay_profile(tmp_path / "overlay-profile", slurm.partition)
     before = slurm.command("squeue", "--states=all", "--noheader", "--format=%i").stdout.split()
     started = time.monotonic()
-    res = subprocess.run(snakemake_cmd(work, "--profile", str(PROFILE), "--profile", str(overlay)),
+    res = subprocess.run(snakemake_cmd(work, "--profile", str(PROFILE), "--profile", str(overlay), cores=None),
                          cwd=work, env=run_env(slurm.env, tmp_path), capture_output=True, text=True,
                          timeout=RUN_TIMEOUT, check=False)
     took = time.monotonic() - started

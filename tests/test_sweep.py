@@ -28,11 +28,11 @@ from qk_sniffer.config import ConfigError
 from qk_sniffer.readme import read_front_matter
 from qk_sniffer.sweep import plan_files
 
-from .conftest import CORPUS, REPO, TINY_LLAMA
-from .fakehub import fake_hub_fixture  # noqa: F401  (the fixture fake_hub)
-from .faults import hub_env
+from .support.fakehub import fake_hub_fixture  # noqa: F401  (the fixture fake_hub)
+from .support.faults import hub_env
+from .support.tiny_data import CORPUS, REPO, TINY_LLAMA
+from .support.workflow_runs import SNIFF_QK, workflow_env, write_yaml
 
-SNIFF_QK = Path(sys.executable).parent / "sniff-qk"
 HUB_REPO = "tester/qk-sweep"
 MODEL_REPO = "tester/tiny-llama"
 TIMEOUT = 900
@@ -53,18 +53,6 @@ def base(**sections) -> dict:
     return cfg
 
 
-def write(path: Path, data: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    return path
-
-
-def env_for(tmp: Path) -> dict:
-    env = {**os.environ, "QK_SNIFFER_GPUS": "", "QK_SNIFFER_GPU_LOCK_DIR": str(tmp / "gpu-locks")}
-    env.pop("QK_SNIFFER_DEBUG", None)
-    return env
-
-
 # -- the plan ----------------------------------------------------------------------------------------------
 
 
@@ -77,7 +65,7 @@ def test_members_are_placed_per_branch_and_split(tmp_path, monkeypatch):
          "output": {"split_name": "step2", "hf_branch": "llama"}},
         {"model": {"name": "other/model"}, "output": {"split_name": "other", "hf_branch": "qwen"}},
     ]
-    plan = plan_files([write(tmp_path / "sweep.yaml", cfg)])
+    plan = plan_files([write_yaml(tmp_path / "sweep.yaml", cfg)])
     placed = [(m.split, m.root, m.dataset) for m in plan.members]
     assert placed == [("step1", "data/llama", "data/llama"), ("step2", "data/llama/members/step2", "data/llama"),
                       ("other", "data/qwen", "data/qwen")]
@@ -99,7 +87,7 @@ def test_members_are_placed_per_branch_and_split(tmp_path, monkeypatch):
 
 def test_one_config_is_placed_as_it_always_was(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    plan = plan_files([write(tmp_path / "one.yaml", base(output={"data_root": "./x/../root", "split_name": "s"}))])
+    plan = plan_files([write_yaml(tmp_path / "one.yaml", base(output={"data_root": "./x/../root", "split_name": "s"}))])
     (m,) = plan.members
     assert (m.root, m.dataset, m.cfg["output"]["data_root"]) == ("x/../root", "x/../root", "./x/../root")
 
@@ -126,15 +114,15 @@ def _entry(split: str | None = None, **output) -> dict:
 ])
 def test_conflicting_members_are_refused_with_one_line(tmp_path, monkeypatch, entries, message):
     monkeypatch.chdir(tmp_path)
-    path = write(tmp_path / "sweep.yaml", {**base(), "sweep": entries})
+    path = write_yaml(tmp_path / "sweep.yaml", {**base(), "sweep": entries})
     with pytest.raises(ConfigError, match=message):
         plan_files([path])
 
 
 def test_the_cli_refuses_a_conflict_before_snakemake_starts(tmp_path):
-    a = write(tmp_path / "a.yaml", base(output={"split_name": "same"}))
-    b = write(tmp_path / "b.yaml", base(model={"revision": "other"}, output={"split_name": "same"}))
-    res = subprocess.run([str(SNIFF_QK), "run", "--config", str(a), str(b)], cwd=tmp_path, env=env_for(tmp_path),
+    a = write_yaml(tmp_path / "a.yaml", base(output={"split_name": "same"}))
+    b = write_yaml(tmp_path / "b.yaml", base(model={"revision": "other"}, output={"split_name": "same"}))
+    res = subprocess.run([str(SNIFF_QK), "run", "--config", str(a), str(b)], cwd=tmp_path, env=workflow_env(tmp_path),
                          capture_output=True, text=True, timeout=120, check=False)
     assert res.returncode == 2, res.stdout + res.stderr
     (line,) = res.stderr.strip().splitlines()
@@ -148,7 +136,7 @@ def test_the_run_command_counts_the_gpus_once_for_all_members(tmp_path, monkeypa
     from qk_sniffer.config import validate_config
 
     gpu, cpu = validate_config(base()), validate_config(base(inference={"device": "cpu"}, workflow={"num_chunks": 8}))
-    paths = [write(tmp_path / "gpu.yaml", gpu), write(tmp_path / "cpu.yaml", cpu)]
+    paths = [write_yaml(tmp_path / "gpu.yaml", gpu), write_yaml(tmp_path / "cpu.yaml", cpu)]
     monkeypatch.setenv("QK_SNIFFER_GPUS", "0,1")
     cmd = snakemake_command(paths, [gpu, cpu], workdir=tmp_path)
     assert cmd[cmd.index("--configfile") + 1:cmd.index("--directory")] == [str(p.resolve()) for p in paths]
@@ -167,9 +155,9 @@ def job_counts(out: str) -> dict[str, int]:
 
 def test_several_configs_and_a_glob_are_one_dag(tmp_path):
     cfgs = tmp_path / "cfgs"
-    write(cfgs / "a.yaml", {**base(), "sweep": [_entry("a1"), _entry("a2")]})
-    write(cfgs / "b.yaml", base(output={"data_root": "other", "split_name": "b"}, workflow={"num_chunks": 3}))
-    env = env_for(tmp_path)
+    write_yaml(cfgs / "a.yaml", {**base(), "sweep": [_entry("a1"), _entry("a2")]})
+    write_yaml(cfgs / "b.yaml", base(output={"data_root": "other", "split_name": "b"}, workflow={"num_chunks": 3}))
+    env = workflow_env(tmp_path)
     # a quoted glob, expanded by sniff-qk
     res = subprocess.run([str(SNIFF_QK), "run", "--config", "cfgs/*.yaml", "-n", "--cores", "2"], cwd=tmp_path,
                          env=env, capture_output=True, text=True, timeout=300, check=False)
@@ -238,12 +226,12 @@ def test_a_sweep_of_three_checkpoints_into_two_branches(fake_hub, tiny_models, t
     publish_model_revisions(fake_hub)
     work = tmp_path / "work"
     output = {"data_root": "data", "hf_repo_id": HUB_REPO}
-    write(work / "cfgs/llama.yaml", {**base(model={"name": MODEL_REPO}, output=output), "sweep": [
+    write_yaml(work / "cfgs/llama.yaml", {**base(model={"name": MODEL_REPO}, output=output), "sweep": [
         {"model": {"revision": "step1"}, "output": {"split_name": "step1", "hf_branch": "llama"}},
         {"model": {"revision": "step2"}, "output": {"split_name": "step2", "hf_branch": "llama"}},
     ]})
     # the other model: one chunk of one example per batch with a checkpoint after each, killed part-way
-    write(work / "cfgs/qwen.yaml", base(
+    write_yaml(work / "cfgs/qwen.yaml", base(
         model={"name": str(tiny_models("qwen3"))}, dataset={"max_samples": 120},
         inference={"batch_size": 1, "checkpoint_every_s": 1e-9}, workflow={"num_chunks": 1},
         output={**output, "split_name": "qwen3", "hf_branch": "qwen"}))

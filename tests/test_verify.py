@@ -17,11 +17,11 @@ from qk_sniffer.readme import split_front_matter
 from qk_sniffer.sampling import SHARED_HEAD, SamplerSpec, bucket_of, keep_probability, token_u
 from qk_sniffer.verify import verify
 
-from .conftest import base_config, build_final
+from .support.tiny_data import DEMO_CHUNKS, base_config, build_final, merge_and_render
 
 # two splits with different samplers: "tiny" (log_uniform, heads share positions) and "tiny_u"
 # (uniform, per head); staging/ holds the two chunks of the last one
-TINY = {"workflow": {"num_chunks": 2}, "dataset": {"max_samples": 12}}
+TINY = DEMO_CHUNKS  # staged once per session (the fixture staged_demo_chunks)
 TINY_U = {"workflow": {"num_chunks": 2}, "dataset": {"max_samples": 8}, "output": {"split_name": "tiny_u"},
           "capture": {"layers": [0, 1], "sampler": {"type": "uniform", "base_rate": 3.0, "per_head": True}}}
 
@@ -32,9 +32,10 @@ def _build(root: Path, sections: dict) -> dict:
 
 
 @pytest.fixture(scope="session")
-def dataset(tmp_path_factory) -> Path:
+def dataset(tmp_path_factory, staged_demo_chunks) -> Path:
     root = tmp_path_factory.mktemp("verify-data") / "root"
-    _build(root, TINY)
+    shutil.copytree(staged_demo_chunks / "staging", root / "staging")
+    merge_and_render(root, **TINY)
     _build(root, TINY_U)
     return root
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,61 +20,25 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from .conftest import REPO, assert_same_rows, base_config
+from .support.rows import assert_same_rows
+from .support.tiny_data import REPO
+from .support.workflow_runs import (
+    RUN_TIMEOUT,
+    SPLIT,
+    copy_workdir,
+    final_files,
+    make_workdir,
+    manifests,
+    mtimes,
+    snakemake,
+    snakemake_cmd,
+    workflow_env,
+)
 
 pytestmark = pytest.mark.slow
 
-SPLIT = "tiny"
-RUN_TIMEOUT = 900
-
-
-def workflow_env(tmp: Path) -> dict:
-    env = {**os.environ, "QK_SNIFFER_GPUS": "", "QK_SNIFFER_GPU_LOCK_DIR": str(tmp / "gpu-locks")}
-    env.pop("QK_SNIFFER_DEBUG", None)
-    return env
-
-
-def make_workdir(path: Path, name: str = "cfg.yaml", **sections) -> Path:
-    """A working directory with a config whose data root is relative to it (so copies stay self-contained)."""
-    path.mkdir(parents=True, exist_ok=True)
-    sections.setdefault("dataset", {"max_samples": 40})
-    sections.setdefault("tokenizer", {"max_length": 64})
-    sections.setdefault("workflow", {"num_chunks": 3})
-    cfg = base_config(Path("root"), **sections)
-    (path / name).write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-    return path
-
-
-def snakemake_cmd(workdir: Path, *extra: str, config: str = "cfg.yaml") -> list[str]:
-    return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-            "--configfile", str(workdir / config), "--cores", "2", *extra]
-
-
-def snakemake(workdir: Path, *extra: str, config: str = "cfg.yaml", cwd: Path | None = None,
-              check: bool = True) -> subprocess.CompletedProcess:
-    res = subprocess.run(snakemake_cmd(workdir, *extra, config=config), cwd=cwd or workdir, capture_output=True,
-                         text=True, env=workflow_env(workdir.parent), timeout=RUN_TIMEOUT, check=False)
-    if check and res.returncode != 0:
-        logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "root" / "logs").rglob("*.log")))
-        raise AssertionError(f"snakemake failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-6000:]}\n{logs}")
-    return res
-
-
-def manifests(root: Path) -> dict[int, Path]:
-    return {int(p.parent.name.split("-")[1]): p for p in sorted(root.glob("staging/chunk-*/manifest.json"))}
-
-
-def final_files(root: Path, split: str = SPLIT) -> dict[str, Path]:
-    return {p.parent.name: p for p in sorted((root / "final" / "data" / split).glob("*/data.parquet"))}
-
-
-def mtimes(paths) -> dict[Path, int]:
-    return {p: p.stat().st_mtime_ns for p in paths}
-
-
-def clone(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst, symlinks=True)  # copy2: mtimes preserved, so Snakemake sees the same state
-    return dst
+# each run: 40 examples of the demo corpus in 3 chunks
+WORKDIR_SECTIONS = {"dataset": {"max_samples": 40}, "tokenizer": {"max_length": 64}, "workflow": {"num_chunks": 3}}
 
 
 def load(final: Path, config: str, split: str, cache: Path):
@@ -92,7 +55,7 @@ def front_matter(readme: Path) -> dict:
 def reference(tmp_path_factory) -> Path:
     """An uninterrupted run, started from an unrelated working directory with -s and --directory."""
     base = tmp_path_factory.mktemp("reference")
-    work = make_workdir(base / "work")
+    work = make_workdir(base / "work", WORKDIR_SECTIONS)
     elsewhere = base / "elsewhere"
     elsewhere.mkdir()
     snakemake(work, cwd=elsewhere)
@@ -131,7 +94,7 @@ def test_full_run_loads_with_datasets(reference, tmp_path):
 
 
 def test_killed_run_resumes_without_redoing_finished_chunks(reference, tmp_path):
-    work = make_workdir(tmp_path / "work")
+    work = make_workdir(tmp_path / "work", WORKDIR_SECTIONS)
     root = work / "root"
     env = workflow_env(tmp_path)
     log = open(tmp_path / "killed.log", "w")  # noqa: SIM115 - closed below
@@ -185,7 +148,7 @@ def assert_same_dataset(root: Path, ref_root: Path) -> None:
 
 
 def test_deleted_manifest_named_as_target_reruns_only_that_chunk(reference, tmp_path):
-    work = clone(reference, tmp_path / "work")
+    work = copy_workdir(reference, tmp_path / "work")
     root = work / "root"
     ms = manifests(root)
     others = mtimes([ms[0], ms[2]])
@@ -203,7 +166,7 @@ def test_deleted_manifest_named_as_target_reruns_only_that_chunk(reference, tmp_
 
 
 def test_rerun_changes_nothing(reference, tmp_path):
-    work = clone(reference, tmp_path / "work")
+    work = copy_workdir(reference, tmp_path / "work")
     root = work / "root"
     everything = [p for p in root.rglob("*") if p.is_file()]
     before = mtimes(everything)
@@ -222,7 +185,7 @@ def test_rerun_changes_nothing(reference, tmp_path):
 
 
 def test_larger_max_samples_appends_only_new_rows(reference, tmp_path):
-    work = clone(reference, tmp_path / "work")
+    work = copy_workdir(reference, tmp_path / "work")
     root = work / "root"
     old = {name: pq.read_table(p) for name, p in final_files(root).items()}
     old_max = max(max(t.column("example_id").to_pylist()) for t in old.values())
@@ -253,8 +216,8 @@ def test_larger_max_samples_appends_only_new_rows(reference, tmp_path):
 def test_two_models_share_one_data_root(tiny_models, tmp_path):
     work = tmp_path / "work"
     common = {"dataset": {"max_samples": 16}, "tokenizer": {"max_length": 48}, "workflow": {"num_chunks": 1}}
-    make_workdir(work, "a.yaml", output={"split_name": "a"}, capture={"layers": [0, 1]}, **common)
-    make_workdir(work, "b.yaml", model={"name": str(tiny_models("qwen3"))}, output={"split_name": "b"},
+    make_workdir(work, WORKDIR_SECTIONS, "a.yaml", output={"split_name": "a"}, capture={"layers": [0, 1]}, **common)
+    make_workdir(work, WORKDIR_SECTIONS, "b.yaml", model={"name": str(tiny_models("qwen3"))}, output={"split_name": "b"},
                  capture={"layers": [1, 2]}, **common)
     snakemake(work, config="a.yaml")
     snakemake(work, config="b.yaml")
@@ -287,7 +250,7 @@ def test_report_waits_for_the_push_only_where_the_push_can_change_final(tmp_path
     """With a remote, a push that finds it moved merges again, so the report comes after the push; with none,
     nothing after the card changes final/ and the report runs beside verify and push."""
     sections = {"output": {"remote_dir": str(tmp_path / "remote")}} if remote else {}
-    work = make_workdir(tmp_path / "work", **sections)
+    work = make_workdir(tmp_path / "work", WORKDIR_SECTIONS, **sections)
     dot = snakemake(work, "--dag").stdout
     node = {label: n for n, label in re.findall(r'^\s*(\d+)\[label = "(\w+)', dot, re.M)}
     edges = set(re.findall(r"^\s*(\d+) -> (\d+)$", dot, re.M))
@@ -305,7 +268,7 @@ def test_lint_reports_nothing():
 
 
 def test_cli_run_prints_a_working_load_line(tmp_path):
-    work = make_workdir(tmp_path / "work", dataset={"max_samples": 12}, workflow={"num_chunks": 1})
+    work = make_workdir(tmp_path / "work", WORKDIR_SECTIONS, dataset={"max_samples": 12}, workflow={"num_chunks": 1})
     res = subprocess.run([str(Path(sys.executable).parent / "sniff-qk"), "run", "--config", "cfg.yaml", "--cores", "2"],
                          cwd=work, capture_output=True, text=True, env=workflow_env(tmp_path), timeout=RUN_TIMEOUT,
                          check=False)

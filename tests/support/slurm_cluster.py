@@ -138,7 +138,7 @@ class SlurmCluster:
 def _write_config(root: Path, *, node: str, partition: str, cpus: int, memory_mb: int, munge_socket: Path) -> Path:
     conf = root / "etc" / "slurm.conf"
     lines = [
-        "# single-node test cluster, written by tests/slurm_cluster.py",
+        "# single-node test cluster, written by tests/support/slurm_cluster.py",
         "ClusterName=qktest",
         f"SlurmctldHost={node}(127.0.0.1)",
         f"SlurmctldPort={_free_port()}",
