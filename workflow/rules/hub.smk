@@ -17,7 +17,7 @@ rule pull_hub:
     output:
         update("{root}/final/.snapshot.json"),
     log:
-        "{root}/logs/pull_hub.log",
+        qk_log("pull_hub"),
     params:
         config=dataset_config,
         remote=dataset_remote,
@@ -26,7 +26,7 @@ rule pull_hub:
     conda:
         CONDA_ENV
     shell:
-        "$QK_PYTHON -m qk_sniffer pull --config {params.config} > {log} 2>&1"
+        qk("pull")
 
 
 rule push_hub:
@@ -36,7 +36,7 @@ rule push_hub:
     output:
         "{root}/push.json",
     log:
-        "{root}/logs/push_hub.log",
+        qk_log("push_hub"),
     params:
         config=dataset_config,
         remote=dataset_remote,
@@ -45,4 +45,4 @@ rule push_hub:
     conda:
         CONDA_ENV
     shell:
-        "$QK_PYTHON -m qk_sniffer push --config {params.config} > {log} 2>&1"
+        qk("push")

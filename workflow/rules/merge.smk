@@ -12,7 +12,7 @@ rule merge_staging:
     output:
         update("{root}/final/.merged.json"),
     log:
-        "{root}/logs/merge_staging.log",
+        qk_log("merge_staging"),
     params:
         config=dataset_config,
     wildcard_constraints:
@@ -20,4 +20,4 @@ rule merge_staging:
     conda:
         CONDA_ENV
     shell:
-        "$QK_PYTHON -m qk_sniffer merge --config {params.config} > {log} 2>&1"
+        qk("merge")

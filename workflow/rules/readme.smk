@@ -10,7 +10,7 @@ rule render_readme:
     output:
         update("{root}/final/README.md"),
     log:
-        "{root}/logs/render_readme.log",
+        qk_log("render_readme"),
     params:
         config=dataset_config,
     wildcard_constraints:
@@ -18,4 +18,4 @@ rule render_readme:
     conda:
         CONDA_ENV
     shell:
-        "$QK_PYTHON -m qk_sniffer render-readme --config {params.config} > {log} 2>&1"
+        qk("render-readme")

@@ -60,7 +60,7 @@ rule render_report:
             labels={"item": "numbers behind the figures"},
         ),
     log:
-        "{root}/logs/render_report.log",
+        qk_log("render_report"),
     params:
         config=dataset_config,
         # <data_root>/report, derived from an output so it follows the outputs wherever they are
@@ -70,4 +70,4 @@ rule render_report:
     conda:
         CONDA_ENV
     shell:
-        "$QK_PYTHON -m qk_sniffer report --config {params.config} --out {params.out} > {log} 2>&1"
+        qk("report", "--out {params.out}")

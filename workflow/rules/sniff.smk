@@ -19,7 +19,7 @@ rule sniff_chunk:
     output:
         "{root}/staging/chunk-{chunk}/manifest.json",
     log:
-        "{root}/logs/sniff_chunk/chunk-{chunk}.log",
+        qk_log("sniff_chunk/chunk-{chunk}"),
     params:
         config=member_config,
         fingerprint=member_fingerprint,
@@ -32,5 +32,4 @@ rule sniff_chunk:
     conda:
         CONDA_ENV
     shell:
-        "$QK_PYTHON -m qk_sniffer sniff-chunk --config {params.config} --chunk {wildcards.chunk}"
-        " --plan {input.plan} --threads {threads} > {log} 2>&1"
+        qk("sniff-chunk", "--chunk {wildcards.chunk} --plan {input.plan} --threads {threads}")

@@ -10,7 +10,7 @@ rule verify_dataset:
     output:
         "{root}/verify.json",
     log:
-        "{root}/logs/verify_dataset.log",
+        qk_log("verify_dataset"),
     params:
         config=dataset_config,
     wildcard_constraints:
@@ -18,4 +18,4 @@ rule verify_dataset:
     conda:
         CONDA_ENV
     shell:
-        "$QK_PYTHON -m qk_sniffer verify --config {params.config} --json {output} > {log} 2>&1"
+        qk("verify", "--json {output}")
