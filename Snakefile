@@ -55,9 +55,7 @@ report: "workflow/report/workflow.rst"
 # same schema. The rules read the members from PLAN; `config` stays what Snakemake merged from the
 # --configfile files (or the demo) and --config, read only by the report's description for its model.
 try:
-    PLAN = plan_workflow(
-        workflow.overwrite_configfiles, config, workflow.config_settings.config
-    )
+    PLAN = plan_workflow(workflow.overwrite_configfiles, config, workflow.config_settings.config)
 except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
 for _member in PLAN.members:
@@ -86,12 +84,12 @@ localrules:
 
 
 rule all:
+    default_target: True
     input:
         # per dataset root: push.json always exists after a run (with no remote it records pushed: false)
         expand("{root}/push.json", root=DATASET_ROOTS),
         # and the figures that `snakemake --report report.html` collects
         expand(rules.render_report.output, root=DATASET_ROOTS),
-    default_target: True
 
 
 # Every member has its chunks: the tokens sweep members shared are not needed any more (a failed run

@@ -18,13 +18,13 @@ rule pull_hub:
         update("{root}/final/.snapshot.json"),
     log:
         qk_log("pull_hub"),
-    params:
-        config=dataset_config,
-        remote=dataset_remote,
     wildcard_constraints:
         root=one_of(DATASET_ROOTS),
     conda:
         CONDA_ENV
+    params:
+        config=dataset_config,
+        remote=dataset_remote,
     shell:
         qk("pull")
 
@@ -37,12 +37,12 @@ rule push_hub:
         "{root}/push.json",
     log:
         qk_log("push_hub"),
-    params:
-        config=dataset_config,
-        remote=dataset_remote,
     wildcard_constraints:
         root=one_of(DATASET_ROOTS),
     conda:
         CONDA_ENV
+    params:
+        config=dataset_config,
+        remote=dataset_remote,
     shell:
         qk("push")

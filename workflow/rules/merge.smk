@@ -13,11 +13,11 @@ rule merge_staging:
         update("{root}/final/.merged.json"),
     log:
         qk_log("merge_staging"),
-    params:
-        config=dataset_config,
     wildcard_constraints:
         root=one_of(DATASET_ROOTS),
     conda:
         CONDA_ENV
+    params:
+        config=dataset_config,
     shell:
         qk("merge")

@@ -11,11 +11,11 @@ rule render_readme:
         update("{root}/final/README.md"),
     log:
         qk_log("render_readme"),
-    params:
-        config=dataset_config,
     wildcard_constraints:
         root=one_of(DATASET_ROOTS),
     conda:
         CONDA_ENV
+    params:
+        config=dataset_config,
     shell:
         qk("render-readme")

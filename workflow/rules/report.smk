@@ -61,13 +61,13 @@ rule render_report:
         ),
     log:
         qk_log("render_report"),
-    params:
-        config=dataset_config,
-        # <data_root>/report, derived from an output so it follows the outputs wherever they are
-        out=lambda wildcards, output: Path(output.rows).parent.as_posix(),
     wildcard_constraints:
         root=one_of(DATASET_ROOTS),
     conda:
         CONDA_ENV
+    params:
+        config=dataset_config,
+        # <data_root>/report, derived from an output so it follows the outputs wherever they are
+        out=lambda wildcards, output: Path(output.rows).parent.as_posix(),
     shell:
         qk("report", "--out {params.out}")

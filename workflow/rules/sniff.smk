@@ -20,16 +20,16 @@ rule sniff_chunk:
         "{root}/staging/chunk-{chunk}/manifest.json",
     log:
         qk_log("sniff_chunk/chunk-{chunk}"),
-    params:
-        config=member_config,
-        fingerprint=member_fingerprint,
     wildcard_constraints:
         root=one_of(MEMBER_ROOTS),
         chunk=r"\d+",
+    conda:
+        CONDA_ENV
     threads: 2
     resources:
         gpu=member_gpus,
-    conda:
-        CONDA_ENV
+    params:
+        config=member_config,
+        fingerprint=member_fingerprint,
     shell:
         qk("sniff-chunk", "--chunk {wildcards.chunk} --plan {input.plan} --threads {threads}")

@@ -11,11 +11,11 @@ rule verify_dataset:
         "{root}/verify.json",
     log:
         qk_log("verify_dataset"),
-    params:
-        config=dataset_config,
     wildcard_constraints:
         root=one_of(DATASET_ROOTS),
     conda:
         CONDA_ENV
+    params:
+        config=dataset_config,
     shell:
         qk("verify", "--json {output}")
