@@ -27,8 +27,6 @@
 # Rerunning redoes only missing or outdated targets; one chunk reruns alone when its manifest is
 # named as the target. See workflow/rules/*.smk for what triggers each rule.
 
-import copy
-
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
@@ -38,32 +36,30 @@ from qk_sniffer.sweep import plan_workflow
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The embedded demo config is the run's config only when no --configfile is given: a config given
+# with --configfile is complete by itself (real-model configs mirror the original tool's format), so
+# the demo's dataset files, split name and data root never leak into another run. Several
+# --configfile are a sweep: each file is one member (or the members of its `sweep:` list), all run in
+# this one DAG (qk_sniffer/sweep.py places them and refuses two members writing one split).
+# --config KEY=VALUE overrides apply to every member, and to the demo.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 report: "workflow/report/workflow.rst"
 
 
-# A config given with --configfile is complete by itself (real-model configs mirror the original
-# tool's format): it replaces the embedded demo config instead of being layered over it, so the
-# demo's dataset files, split name and data root never leak into another run. Several --configfile
-# are a sweep: each file is one member (or the members of its `sweep:` list), all run in this one
-# DAG (qk_sniffer/sweep.py places them and refuses two members writing one split). --config
-# KEY=VALUE overrides apply to every member.
-#
 # The package's validator checks every member: its messages name the key path and suggest the
 # closest key for a typo, and it fills in every default. Snakemake's validate() then checks the
-# same schema.
+# same schema. The rules read the members from PLAN; `config` stays what Snakemake merged from the
+# --configfile files (or the demo) and --config, read only by the report's description for its model.
 try:
-    PLAN = plan_workflow(
-        workflow.overwrite_configfiles, config, workflow.config_settings.config
-    )
+    PLAN = plan_workflow(workflow.overwrite_configfiles, config, workflow.config_settings.config)
 except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
 for _member in PLAN.members:
     validate(_member.cfg, "workflow/schemas/config.schema.yaml")
-config.clear()
-config.update(copy.deepcopy(PLAN.members[0].cfg))
 
 
 include: "workflow/rules/common.smk"
@@ -88,12 +84,12 @@ localrules:
 
 
 rule all:
+    default_target: True
     input:
         # per dataset root: push.json always exists after a run (with no remote it records pushed: false)
         expand("{root}/push.json", root=DATASET_ROOTS),
         # and the figures that `snakemake --report report.html` collects
         expand(rules.render_report.output, root=DATASET_ROOTS),
-    default_target: True
 
 
 # Every member has its chunks: the tokens sweep members shared are not needed any more (a failed run

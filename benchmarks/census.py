@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         types = sorted(set(wanted))
     skipped = {t: why for t in types if (why := skip_reason(t))}
     todo = [t for t in types if t not in skipped]
-    from models.tiny.recipes import build_tokenizer
+    from qk_sniffer.tiny_checkpoints import build_tokenizer
 
     root = Path(tempfile.mkdtemp(prefix="qk-census-"))
     build_tokenizer(root / "tokenizer", vocab_size=512)

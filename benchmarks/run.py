@@ -74,7 +74,7 @@ def median_ratio(fa, fb, reps: int, warmup: int = 1) -> tuple[float, float, floa
 
 
 def build_model(size: str, out: Path) -> Path:
-    from models.tiny.recipes import build_model as build
+    from qk_sniffer.tiny_checkpoints import build_model as build
 
     if not (out / "config.json").exists():
         big = size != "tiny"
@@ -771,7 +771,7 @@ def bench_longctx(args, tmp: Path) -> list[dict]:
     mask), (c) the same batch as transformers runs it with a padding mask (sdpa, a [2, 1, L, L] mask), skipped
     where that mask alone would exceed LONGCTX_MASK_GIB.
     """
-    from models.tiny.recipes import build_model as build
+    from qk_sniffer.tiny_checkpoints import build_model as build
 
     model_dir = tmp / "model-longctx"
     lengths = [int(s) for s in str(args.longctx).split(",")]

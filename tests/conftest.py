@@ -22,7 +22,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Build (once per session) tiny checkpoints of several architectures; returns arch -> path."""
-    from models.tiny.recipes import build_model, build_tokenizer
+    from qk_sniffer.tiny_checkpoints import build_model, build_tokenizer
 
     root = tmp_path_factory.mktemp("tiny-models")
     tok = build_tokenizer(root / "tokenizer")

@@ -1,4 +1,5 @@
-# Shared values of the rules: the members and data roots, their effective config files and the interpreter.
+# Shared values of the rules: the members and data roots, their effective config files, the interpreter, and
+# the stanzas repeated in each rule (its log path, qk_log; its one call into qk_sniffer, qk).
 # No rules here; the logic lives in the qk_sniffer package.
 
 import re
@@ -12,7 +13,6 @@ from qk_sniffer.preflight import PreflightError, dry_run_requested, load_plans, 
 from qk_sniffer.sweep import TOKEN_CACHE
 from qk_sniffer.sweep import prepare as prepare_plan
 from qk_sniffer.tokens import clear as clear_tokens
-
 
 # PLAN (built by the Snakefile from the config files) places every member: its member root (where its
 # chunks are staged and logged, the output.data_root of its effective config) and its dataset root (the
@@ -90,14 +90,30 @@ def clear_shared_tokens():
     clear_tokens(Path.cwd() / TOKEN_CACHE)
 
 
-# The conda environment of every rule, used with --use-conda (relative to this directory).
+# The software of every rule, named for the record (`snakemake --lint` asks each rule for one; relative
+# to this directory): environment.yml, the environment that runs Snakemake itself. The rules run in that
+# same interpreter; --use-conda is not supported (README.md, "Software environment", says why).
 CONDA_ENV = "../../environment.yml"
-
-# Rules run `$QK_PYTHON -m qk_sniffer ...`: the interpreter running Snakemake (it has qk_sniffer
-# installed), or the rule's own environment's `python` under --use-conda. Set through the shell
-# prefix rather than params, so a different interpreter path does not count as a params change.
 if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
-    QK_PYTHON = "python"
-else:
-    QK_PYTHON = shlex.quote(sys.executable)
+    raise WorkflowError(
+        "--use-conda is not supported: the rules run `python -m qk_sniffer` with the interpreter that runs "
+        "Snakemake; install qk-sniffer there (bash .ci/setup, or environment.yml) and run without --use-conda"
+    )
+
+# Rules run `$QK_PYTHON -m qk_sniffer ...`: the interpreter running Snakemake (it has qk_sniffer installed).
+# Set through the shell prefix rather than params, so a different interpreter path does not count as a
+# params change.
+QK_PYTHON = shlex.quote(sys.executable)
 shell.prefix("set -euo pipefail; QK_PYTHON={}; ".format(QK_PYTHON.replace("{", "{{").replace("}", "}}")))
+
+
+def qk_log(name):
+    """The log of a job, <root>/logs/<name>.log; name may hold wildcards (sniff_chunk/chunk-{chunk})."""
+    return f"{{root}}/logs/{name}.log"
+
+
+def qk(stage, *options):
+    """The one call of a rule: `python -m qk_sniffer <stage> --config {params.config} <options>`, stdout
+    and stderr into {log}. options are further arguments in shell-directive format ("--out {params.out}").
+    The command is the same string the rules always ran, so Snakemake's code trigger sees no change."""
+    return " ".join(("$QK_PYTHON -m qk_sniffer", stage, "--config {params.config}", *options, "> {log} 2>&1"))

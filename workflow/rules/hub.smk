@@ -17,16 +17,16 @@ rule pull_hub:
     output:
         update("{root}/final/.snapshot.json"),
     log:
-        "{root}/logs/pull_hub.log",
-    params:
-        config=dataset_config,
-        remote=dataset_remote,
+        qk_log("pull_hub"),
     wildcard_constraints:
         root=one_of(DATASET_ROOTS),
     conda:
         CONDA_ENV
+    params:
+        config=dataset_config,
+        remote=dataset_remote,
     shell:
-        "$QK_PYTHON -m qk_sniffer pull --config {params.config} > {log} 2>&1"
+        qk("pull")
 
 
 rule push_hub:
@@ -36,13 +36,13 @@ rule push_hub:
     output:
         "{root}/push.json",
     log:
-        "{root}/logs/push_hub.log",
-    params:
-        config=dataset_config,
-        remote=dataset_remote,
+        qk_log("push_hub"),
     wildcard_constraints:
         root=one_of(DATASET_ROOTS),
     conda:
         CONDA_ENV
+    params:
+        config=dataset_config,
+        remote=dataset_remote,
     shell:
-        "$QK_PYTHON -m qk_sniffer push --config {params.config} > {log} 2>&1"
+        qk("push")

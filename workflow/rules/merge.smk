@@ -12,12 +12,12 @@ rule merge_staging:
     output:
         update("{root}/final/.merged.json"),
     log:
-        "{root}/logs/merge_staging.log",
-    params:
-        config=dataset_config,
+        qk_log("merge_staging"),
     wildcard_constraints:
         root=one_of(DATASET_ROOTS),
     conda:
         CONDA_ENV
+    params:
+        config=dataset_config,
     shell:
-        "$QK_PYTHON -m qk_sniffer merge --config {params.config} > {log} 2>&1"
+        qk("merge")

@@ -10,12 +10,12 @@ rule render_readme:
     output:
         update("{root}/final/README.md"),
     log:
-        "{root}/logs/render_readme.log",
-    params:
-        config=dataset_config,
+        qk_log("render_readme"),
     wildcard_constraints:
         root=one_of(DATASET_ROOTS),
     conda:
         CONDA_ENV
+    params:
+        config=dataset_config,
     shell:
-        "$QK_PYTHON -m qk_sniffer render-readme --config {params.config} > {log} 2>&1"
+        qk("render-readme")

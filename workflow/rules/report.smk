@@ -60,14 +60,14 @@ rule render_report:
             labels={"item": "numbers behind the figures"},
         ),
     log:
-        "{root}/logs/render_report.log",
-    params:
-        config=dataset_config,
-        # <data_root>/report, derived from an output so it follows the outputs wherever they are
-        out=lambda wildcards, output: Path(output.rows).parent.as_posix(),
+        qk_log("render_report"),
     wildcard_constraints:
         root=one_of(DATASET_ROOTS),
     conda:
         CONDA_ENV
+    params:
+        config=dataset_config,
+        # <data_root>/report, derived from an output so it follows the outputs wherever they are
+        out=lambda wildcards, output: Path(output.rows).parent.as_posix(),
     shell:
-        "$QK_PYTHON -m qk_sniffer report --config {params.config} --out {params.out} > {log} 2>&1"
+        qk("report", "--out {params.out}")

@@ -19,18 +19,17 @@ rule sniff_chunk:
     output:
         "{root}/staging/chunk-{chunk}/manifest.json",
     log:
-        "{root}/logs/sniff_chunk/chunk-{chunk}.log",
-    params:
-        config=member_config,
-        fingerprint=member_fingerprint,
+        qk_log("sniff_chunk/chunk-{chunk}"),
     wildcard_constraints:
         root=one_of(MEMBER_ROOTS),
         chunk=r"\d+",
+    conda:
+        CONDA_ENV
     threads: 2
     resources:
         gpu=member_gpus,
-    conda:
-        CONDA_ENV
+    params:
+        config=member_config,
+        fingerprint=member_fingerprint,
     shell:
-        "$QK_PYTHON -m qk_sniffer sniff-chunk --config {params.config} --chunk {wildcards.chunk}"
-        " --plan {input.plan} --threads {threads} > {log} 2>&1"
+        qk("sniff-chunk", "--chunk {wildcards.chunk} --plan {input.plan} --threads {threads}")

@@ -10,12 +10,12 @@ rule verify_dataset:
     output:
         "{root}/verify.json",
     log:
-        "{root}/logs/verify_dataset.log",
-    params:
-        config=dataset_config,
+        qk_log("verify_dataset"),
     wildcard_constraints:
         root=one_of(DATASET_ROOTS),
     conda:
         CONDA_ENV
+    params:
+        config=dataset_config,
     shell:
-        "$QK_PYTHON -m qk_sniffer verify --config {params.config} --json {output} > {log} 2>&1"
+        qk("verify", "--json {output}")

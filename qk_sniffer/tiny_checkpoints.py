@@ -1,9 +1,9 @@
-"""Build tiny random-weight checkpoints of real architectures, offline and reproducibly.
+"""Tiny random-weight checkpoints of real architectures (tests, the demo, benchmarks), built offline and reproducibly.
 
 Each checkpoint is saved with ``save_pretrained`` next to a byte-level BPE tokenizer trained
 locally with ``tokenizers``, so the normal ``from_pretrained`` loading path is exercised.
 
-    python -m models.tiny.recipes llama models/tiny/llama
+    python -m qk_sniffer.tiny_checkpoints llama models/tiny/llama
 
 A recipe is the keyword arguments of a transformers config class (``cls``) plus, optionally:
 
@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+from .config import REPO_ROOT
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
 
@@ -130,7 +132,7 @@ ARCHS = {
 
 
 def default_corpus() -> list[str]:
-    here = Path(__file__).resolve().parents[2] / "config" / "demo" / "corpus.jsonl"
+    here = REPO_ROOT / "config" / "demo" / "corpus.jsonl"
     return [json.loads(line)["text"] for line in here.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 

@@ -1,1 +1,0 @@
-"""Recipes for tiny random-weight checkpoints of real architectures (tests, demo, benchmarks)."""
