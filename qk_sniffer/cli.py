@@ -21,14 +21,13 @@ from pathlib import Path
 
 import yaml
 
-from .config import REPO_ROOT, ConfigError, data_root, load_config
-from .layout import CONFIG_RE, atomic_write_text, final_dir
+from .config import REPO_ROOT, ConfigError, load_config
+from .layout import CONFIG_RE, final_dir
 
 log = logging.getLogger("qk_sniffer")
 
 SNAKEFILE = REPO_ROOT / "Snakefile"
 DEFAULT_PROFILE = REPO_ROOT / "workflow" / "profiles" / "default"
-EFFECTIVE_CONFIG = Path(".qk-sniffer") / "config.yaml"
 
 STAGES = {
     "pull": ("pull the remote dataset (output.hf_repo_id or output.remote_dir) into <data_root>/final/ and record "
@@ -103,31 +102,6 @@ def _setup_logging(debug: bool) -> None:
     if not debug:
         for noisy in ("httpx", "httpcore", "urllib3", "filelock", "fsspec"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-# -- the effective config the workflow hands to its rules --------------------------------------
-
-
-def effective_config_path(cfg: dict, root: Path | None = None) -> Path:
-    """``<data_root>/.qk-sniffer/config.yaml``: the validated config the workflow's rules read."""
-    return (Path(root) if root is not None else data_root(cfg)) / EFFECTIVE_CONFIG
-
-
-def write_effective_config(cfg: dict, root: Path | None = None) -> Path:
-    """Write the validated config for the rules, only when its content changed (so its mtime stays put)."""
-    path = effective_config_path(cfg, root)
-    text = (
-        "# The validated configuration (defaults filled in) the workflow passes to its rules.\n"
-        "# Written by the Snakefile on every invocation; edit the config you run with, not this copy.\n"
-        + yaml.safe_dump(cfg, sort_keys=True, default_flow_style=False, allow_unicode=True)
-    )
-    try:
-        unchanged = path.read_text(encoding="utf-8") == text
-    except OSError:
-        unchanged = False
-    if not unchanged:
-        atomic_write_text(path, text)
-    return path
 
 
 # -- argument parsing --------------------------------------------------------------------------

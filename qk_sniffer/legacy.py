@@ -26,6 +26,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from .config import sanitize_split
+from .front_matter import read_front_matter
 from .layout import CONFIG_RE, final_dir
 
 OWN_COLUMNS = ("layer", "head", "kind")  # written by this project, never by the original tool
@@ -149,7 +150,6 @@ def original_metadata(base: Path) -> dict[str, dict]:
                 out[meta["sanitized_split"]] = {"model": {"name": model},
                                                 **({"dataset": ds} if ds["path"] else {})}
     try:
-        from .readme import read_front_matter  # (readme imports this module)
 
         fm, _ = read_front_matter(base / "README.md")
     except Exception:  # noqa: BLE001 - the original's card is optional and only adds model names

@@ -36,6 +36,7 @@ import yaml
 
 from . import legacy
 from .config import data_root, load_config, split_name
+from .front_matter import ReadmeError, read_front_matter
 from .layout import atomic_write_json, atomic_write_text, data_file, final_dir, parse_config_name
 from .parquet import read_footer, write_parquet_atomic
 from .writer import row_schema
@@ -211,7 +212,6 @@ def convert_config(files: list[Path], name: str, token: bool) -> tuple[pa.Table,
 
 
 def _front(final: Path) -> tuple[dict, str]:
-    from .readme import ReadmeError, read_front_matter
 
     try:
         return read_front_matter(final / "README.md")

@@ -22,7 +22,9 @@ import yaml
 
 from . import legacy
 from .config import data_root, sampling_settings, split_name
+from .front_matter import read_front_matter
 from .layout import CONFIG_RE, atomic_write_text, final_dir, parse_config_name, remove_stale_temps
+from .report import render_card_figure, rows_per_group
 from .sampling import log_uniform_floor
 from .store import MERGED_NAME, bucket_counts, final_configs
 
@@ -31,41 +33,6 @@ END = "<!-- qk-sniffer:end -->"
 VIEWER_MAX_CONFIGS = 3000  # the Hub's dataset viewer handles "a few thousand" configs
 VIEWER_MAX_SPLITS = 30
 OWN_KEYS = ("configs", "qk_sniffer")
-
-
-class ReadmeError(ValueError):
-    """The existing dataset card cannot be read; the message names the file and the fix."""
-
-
-# -- front matter -----------------------------------------------------------------------------
-
-
-def split_front_matter(text: str, source: str = "README.md") -> tuple[dict, str]:
-    """``(front matter mapping, body)``; a card without front matter gives ``({}, text)``."""
-    lines = text.split("\n")
-    if not lines or lines[0].rstrip() != "---":
-        return {}, text
-    for i in range(1, len(lines)):
-        if lines[i].rstrip() == "---":
-            head, body = "\n".join(lines[1:i]), "\n".join(lines[i + 1:])
-            break
-    else:
-        raise ReadmeError(f"{source}: the front matter opened by '---' on line 1 is never closed by a '---' line; "
-                          "fix or delete the file and render it again")
-    try:
-        data = yaml.safe_load(head) if head.strip() else {}
-    except yaml.YAMLError as exc:
-        raise ReadmeError(f"{source}: the YAML front matter is invalid ({exc}); fix or delete the file and render "
-                          "it again") from exc
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ReadmeError(f"{source}: the front matter must be a YAML mapping, got {type(data).__name__}")
-    return data, body
-
-
-def read_front_matter(path: Path) -> tuple[dict, str]:
-    return split_front_matter(Path(path).read_text(encoding="utf-8"), str(path))
 
 
 # -- configs ----------------------------------------------------------------------------------
@@ -395,7 +362,6 @@ def render_card(cfg: dict, final: Path) -> str:
     repo = cfg["output"].get("hf_repo_id") or cfg["output"].get("remote_dir") or "path/to/dataset"
     groups, figure = {}, None
     if splits:
-        from .report import render_card_figure, rows_per_group
 
         figure = render_card_figure(final.parent).relative_to(final).as_posix()
         groups = rows_per_group(final.parent)

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import yaml
 
-from .cli import EFFECTIVE_CONFIG, write_effective_config
 from .config import ConfigError, chunk_fingerprint, data_root, load_schema, split_name, tokenizer_name, validate_config
+from .effective_config import EFFECTIVE_CONFIG, write_effective_config
 from .layout import atomic_write_text
 
 TOKENS_SIDECAR = Path(".qk-sniffer") / "tokens.json"

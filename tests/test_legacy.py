@@ -19,11 +19,11 @@ import pytest
 import yaml
 
 from qk_sniffer.cli import main
+from qk_sniffer.front_matter import read_front_matter
 from qk_sniffer.layout import data_file
 from qk_sniffer.legacy import ORIGINAL_SAMPLING
 from qk_sniffer.migrate import migrate
 from qk_sniffer.parquet import write_parquet_atomic
-from qk_sniffer.readme import read_front_matter
 from qk_sniffer.verify import verify
 from qk_sniffer.writer import row_schema
 

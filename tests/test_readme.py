@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from qk_sniffer.chunk import run_chunk
+from qk_sniffer.front_matter import split_front_matter
 from qk_sniffer.layout import parse_config_name
 from qk_sniffer.merge import merge_staging
 from qk_sniffer.readme import (
@@ -20,7 +21,6 @@ from qk_sniffer.readme import (
     build_configs,
     generated_body,
     render_readme,
-    split_front_matter,
 )
 
 from .support.tiny_data import DEMO_CHUNKS, base_config, merged_sections

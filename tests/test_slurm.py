@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from qk_sniffer.readme import read_front_matter
+from qk_sniffer.front_matter import read_front_matter
 
 from .support.tiny_data import REPO
 from .support.workflow_runs import final_files, make_workdir, snakemake_cmd

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from qk_sniffer.config import ConfigError
-from qk_sniffer.readme import read_front_matter
+from qk_sniffer.front_matter import read_front_matter
 from qk_sniffer.sweep import plan_files
 
 from .support.fakehub import fake_hub_fixture  # noqa: F401  (the fixture fake_hub)

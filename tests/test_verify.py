@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from qk_sniffer.readme import split_front_matter
+from qk_sniffer.front_matter import split_front_matter
 from qk_sniffer.sampling import SHARED_HEAD, SamplerSpec, bucket_of, keep_probability, token_u
 from qk_sniffer.verify import verify
 

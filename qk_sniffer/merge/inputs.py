@@ -15,9 +15,9 @@ import pyarrow as pa
 from .. import legacy
 from ..chunk_plan import describe_config_change, manifest_fingerprint_matches
 from ..config import chunk_fingerprint, data_root, sampling_settings, split_name
+from ..front_matter import ReadmeError, read_front_matter
 from ..layout import data_file, final_dir, remove_stale_temps
 from ..parquet import Footer, read_footer
-from ..readme import ReadmeError, read_front_matter
 from ..store import CARD_NAME, StoreError, recorded_sampling, scan_chunks
 from .errors import MergeError, corrupt_final, corrupt_staged
 

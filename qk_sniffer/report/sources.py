@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from ..front_matter import read_front_matter
 from ..layout import final_dir, parse_config_name
-from ..merge import MERGED_NAME, final_configs, scan_chunks
+from ..store import MERGED_NAME, final_configs, scan_chunks
 
 KINDS = ("q", "k")  # the two kinds of config file: queries and keys
 
@@ -48,8 +49,6 @@ def split_metadata(root: Path, split: str) -> dict:
     meta: dict = {}
     readme = final / "README.md"
     if readme.is_file():
-        from ..readme import read_front_matter  # readme may import this module: keep the import here
-
         fm, _ = read_front_matter(readme)
         qs = fm.get("qk_sniffer") if isinstance(fm.get("qk_sniffer"), dict) else {}
         rec = (qs.get("splits") or {}).get(split)

@@ -8,8 +8,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..front_matter import ReadmeError, read_front_matter
 from ..layout import final_dir
-from ..readme import ReadmeError, read_front_matter
 from .report import VerifyReport
 
 SAMPLE_ROWS = 2000  # rows per file whose sampling decision is recomputed

@@ -14,7 +14,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qk_sniffer.readme import split_front_matter
+from qk_sniffer.front_matter import split_front_matter
 
 from ..fakehub import FakeHub
 from ..workflow_runs import final_files, manifests
