@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from .config import REPO_ROOT, ConfigError, load_config
+from .errors import exit_code, is_expected
 from .layout import CONFIG_RE, final_dir
 
 log = logging.getLogger("qk_sniffer")
@@ -459,12 +460,6 @@ def cmd_stage(name: str, config: str | list[str]) -> int:
 # -- entry point -------------------------------------------------------------------------------
 
 
-def _is_expected(exc: BaseException) -> bool:
-    """Errors whose message is enough for the user: the package's own (MergeError, UnsupportedModelError,
-    RemoteError, GpuLeaseTimeout, ...) and operating-system errors (missing files, network)."""
-    return isinstance(exc, OSError) or type(exc).__module__.startswith("qk_sniffer.")
-
-
 def _dispatch(args: argparse.Namespace, extra: list[str]) -> int:
     if args.command == "run":
         return cmd_run(args.config, args.cores, extra)
@@ -521,16 +516,11 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(debug)
     try:
         return _dispatch(args, extra)
-    except ConfigError as exc:
-        if debug:
-            traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - turned into one line for expected errors
-        if debug or not _is_expected(exc):
+    except Exception as exc:  # noqa: BLE001 - the package's own errors and the system's are one line
+        if debug or not is_expected(exc):
             traceback.print_exc()
-        print(f"error: {type(exc).__name__}: {exc}" if not _is_expected(exc) else f"error: {exc}", file=sys.stderr)
-        return 1
+        print(f"error: {exc}" if is_expected(exc) else f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return exit_code(exc)

@@ -18,12 +18,10 @@ from typing import Any
 import jsonschema
 import yaml
 
+from .errors import ConfigError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
-
-
-class ConfigError(ValueError):
-    """A configuration problem the user has to fix; the message says what and how."""
 
 
 def load_schema() -> dict:

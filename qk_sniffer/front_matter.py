@@ -12,8 +12,10 @@ from pathlib import Path
 
 import yaml
 
+from .errors import QkSnifferError
 
-class ReadmeError(ValueError):
+
+class ReadmeError(QkSnifferError, ValueError):
     """The existing dataset card cannot be read; the message names the file and the fix."""
 
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigError
+from .errors import QkSnifferError
 
 log = logging.getLogger("qk_sniffer.gpu")
 
@@ -44,7 +45,7 @@ ENV_LOCK_DIR = "QK_SNIFFER_GPU_LOCK_DIR"
 CVD = "CUDA_VISIBLE_DEVICES"
 
 
-class GpuLeaseTimeout(TimeoutError):
+class GpuLeaseTimeout(QkSnifferError, TimeoutError):
     """No GPU slot became free within the allowed time."""
 
 

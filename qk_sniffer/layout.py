@@ -10,6 +10,8 @@ import re
 import tempfile
 from pathlib import Path
 
+from .errors import QkSnifferError
+
 CONFIG_RE = re.compile(r"^l(\d{2,})h(\d{2,})([qk])$")
 
 
@@ -48,7 +50,7 @@ def data_file(base: Path, split: str, config: str) -> Path:
     return Path(base) / "data" / split / config / "data.parquet"
 
 
-class DiskFullError(OSError, RuntimeError):
+class DiskFullError(QkSnifferError, OSError):
     """A write ran out of room: no space left on the filesystem (ENOSPC) or the user's quota spent (EDQUOT).
 
     One line naming the file that was being written, what was left as it was, and what to do

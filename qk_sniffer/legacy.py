@@ -26,6 +26,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from .config import sanitize_split
+from .errors import QkSnifferError
 from .front_matter import read_front_matter
 from .layout import CONFIG_RE, final_dir
 
@@ -42,7 +43,7 @@ LAYOUTS = {
 }
 
 
-class OriginalDatasetError(RuntimeError):
+class OriginalDatasetError(QkSnifferError, RuntimeError):
     """A dataset of the original tool where this project's format is expected; the message is one line."""
 
 

@@ -36,6 +36,7 @@ import yaml
 
 from . import legacy
 from .config import data_root, load_config, split_name
+from .errors import QkSnifferError
 from .front_matter import ReadmeError, read_front_matter
 from .layout import atomic_write_json, atomic_write_text, data_file, final_dir, parse_config_name
 from .parquet import read_footer, write_parquet_atomic
@@ -49,7 +50,7 @@ NOTHING = "nothing was migrated"
 SPLIT_RE = re.compile(r"\w+(\.\w+)*")
 
 
-class MigrateError(ValueError):
+class MigrateError(QkSnifferError, ValueError):
     """The source cannot be migrated (or not into this data root); one line, and nothing was changed."""
 
 

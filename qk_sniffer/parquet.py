@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .errors import QkSnifferError
 from .layout import atomic_output
 
 KEYS = ["example_id", "position"]
@@ -114,7 +115,7 @@ def matches_summary(footer: Footer, summary) -> bool:
 STOP, TRUE, FALSE, I8, I16, I32, I64, DOUBLE, BINARY, LIST, SET, MAP, STRUCT = range(13)
 
 
-class FooterError(ValueError):
+class FooterError(QkSnifferError, ValueError):
     """A file's footer cannot be carried over (not Parquet, encrypted, or malformed)."""
 
 

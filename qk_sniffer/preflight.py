@@ -19,16 +19,13 @@ from pathlib import Path
 
 from .chunk_plan import MemberChunks, decide, read_plans, write_plans
 from .config import ConfigError
+from .errors import is_expected
 
 log = logging.getLogger("qk_sniffer")
 
 
 class PreflightError(ConfigError):
     """A check failed; the message is the one line the user reads, naming the field or file and the fix."""
-
-
-def _expected(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) or type(exc).__module__.startswith("qk_sniffer.")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -69,7 +66,7 @@ def preflight(plan, *, check_remotes: bool = True, dry_run: bool = False) -> lis
     except PreflightError:
         raise
     except Exception as exc:
-        if not _expected(exc):
+        if not is_expected(exc):
             raise
         raise PreflightError(_one_line(exc)) from exc
     for chunks in decided:
@@ -98,7 +95,7 @@ def _check_remotes(plan, dry_run: bool) -> list[str]:
         try:
             where = check_remote(members[0].cfg)
         except Exception as exc:
-            if not dry_run or not _expected(exc):
+            if not dry_run or not is_expected(exc):
                 raise
             lines.append(f"{members[0].dataset}: a real run stops here: {_one_line(exc)}")
             continue

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import polars as pl
 
+from .errors import QkSnifferError
 from .layout import parse_config_name, staging_dir
 
 MERGED_NAME = ".merged.json"  # final/.merged.json: what the latest merge did, for one split
@@ -25,7 +26,7 @@ CARD_NAME = "README.md"  # final/README.md: the dataset card, its front matter r
 CHUNK_DIR_RE = re.compile(r"^chunk-(\d+)$")
 
 
-class StoreError(ValueError):
+class StoreError(QkSnifferError, ValueError):
     """A file of the data root cannot be read; the message names it and the fix."""
 
 

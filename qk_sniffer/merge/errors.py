@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import QkSnifferError
 
-class MergeError(ValueError):
+
+class MergeError(QkSnifferError, ValueError):
     """Merging would corrupt or mix the dataset; the message names the files and the fix."""
 
 

@@ -13,16 +13,18 @@ import datetime as _dt
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from ..errors import QkSnifferError
 
-class RemoteMovedError(RuntimeError):
+
+class RemoteMovedError(QkSnifferError, RuntimeError):
     """The remote head is no longer the revision the commit was based on."""
 
 
-class RemoteError(RuntimeError):
+class RemoteError(QkSnifferError, RuntimeError):
     """The remote cannot be read or written; the message names the place and the fix."""
 
 
-class PushError(RuntimeError):
+class PushError(QkSnifferError, RuntimeError):
     """A push gave up (the remote kept moving)."""
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 
+from ..errors import QkSnifferError
+
 TOKEN_VAR = "HF_TOKEN"
 MASK = "***"
 TOKENS_URL = "https://huggingface.co/settings/tokens"
@@ -24,7 +26,7 @@ TOKENS_URL = "https://huggingface.co/settings/tokens"
 _TOKEN_SHAPE = re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")
 
 
-class MissingTokenError(RuntimeError):
+class MissingTokenError(QkSnifferError, RuntimeError):
     """A write to the Hub was requested but no token is configured."""
 
 

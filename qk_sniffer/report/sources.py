@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from ..errors import QkSnifferError
 from ..front_matter import read_front_matter
 from ..layout import final_dir, parse_config_name
 from ..store import MERGED_NAME, final_configs, scan_chunks
@@ -19,7 +20,7 @@ from ..store import MERGED_NAME, final_configs, scan_chunks
 KINDS = ("q", "k")  # the two kinds of config file: queries and keys
 
 
-class ReportError(ValueError):
+class ReportError(QkSnifferError, ValueError):
     """The report cannot be drawn; the message names the file and the fix."""
 
 
