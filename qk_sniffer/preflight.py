@@ -87,6 +87,12 @@ def dry_run_requested(argv: list[str]) -> bool:
     return False
 
 
+def lint_requested(argv: list[str]) -> bool:
+    """Whether a snakemake command line only lints the workflow (``--lint``): no preflight then, nothing read or
+    written but the workflow's own files."""
+    return any(a == "--lint" or a.startswith("--lint=") for a in argv[1:])
+
+
 def _check_remotes(plan, dry_run: bool) -> list[str]:
     from .remote.check import check_remote
 

@@ -354,3 +354,10 @@ def test_dry_run_is_read_from_the_command_line(argv, dry):
     from qk_sniffer.preflight import dry_run_requested
 
     assert dry_run_requested(argv) is dry
+
+
+def test_lint_is_read_from_the_command_line():
+    from qk_sniffer.preflight import lint_requested
+
+    assert lint_requested(["snakemake", "--lint"]) and lint_requested(["snakemake", "--lint=json"])
+    assert not lint_requested(["snakemake", "--cores", "2"]) and not lint_requested(["--lint"])

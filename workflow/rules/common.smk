@@ -9,7 +9,13 @@ from pathlib import Path
 
 from snakemake.settings.types import DeploymentMethod
 
-from qk_sniffer.preflight import PreflightError, dry_run_requested, load_plans, preflight
+from qk_sniffer.preflight import (
+    PreflightError,
+    dry_run_requested,
+    lint_requested,
+    load_plans,
+    preflight,
+)
 from qk_sniffer.sweep import TOKEN_CACHE
 from qk_sniffer.sweep import prepare as prepare_plan
 from qk_sniffer.tokens import clear as clear_tokens
@@ -41,8 +47,8 @@ prepare_plan(PLAN)
 # to Snakemake through each chunk's plan file <member root>/.qk-sniffer/chunks/chunk-N.json (the input of
 # sniff_chunk: older than the manifest when the chunk is up to date, newer when it must run again). A job a
 # cluster executor starts parses this file again and reads the plan files instead. A dry run reports a remote
-# that would refuse the push as a line instead of stopping (it needs no token).
-if workflow.is_main_process:
+# that would refuse the push as a line instead of stopping (it needs no token); --lint runs no preflight.
+if workflow.is_main_process and not lint_requested(sys.argv):
     try:
         for _line in preflight(PLAN, dry_run=workflow.dryrun or dry_run_requested(sys.argv)):
             print(_line, file=sys.stderr)
