@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .extend import bench_extend
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "RESULTS.md"
@@ -40,6 +42,7 @@ GOALS = {
     "plan": "report; per-head below a 1B-model forward estimate",
     "checkpoint": "report; cost per checkpoint / default interval (600 s)",
     "longctx": "time (b) <= 1.15 x ((a) L + (a) 3L/4); memory (b) well under (c)",
+    "extend": "<= 0.6 (about the new half)",
 }
 EXTRA: list[str] = []  # markdown blocks a benchmark adds below the table (per-case detail)
 
@@ -271,7 +274,7 @@ import json, resource, sys
 from qk_sniffer.config import validate_config
 from qk_sniffer.chunk import run_chunk
 cfg = validate_config(json.loads(sys.argv[1]))
-run_chunk(cfg, 0, 1)
+run_chunk(cfg, 0)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
@@ -844,6 +847,7 @@ BENCHES = {
     "resume": bench_resume,
     "checkpoint": bench_checkpoint,
     "longctx": bench_longctx,
+    "extend": bench_extend,
 }
 
 
