@@ -222,7 +222,7 @@ def bench_early(args, tmp: Path) -> list[dict]:
 
 
 def bench_padding(args, tmp: Path) -> list[dict]:
-    from qk_sniffer.data import length_sorted_batches
+    from qk_sniffer.source import length_sorted_batches
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(16, 1025, size=4000)

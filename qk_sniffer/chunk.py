@@ -16,12 +16,12 @@ import torch
 
 from . import __version__
 from .capture import CapturedBatch, Sniffer, StopForward, to_device
+from .checkpoints import ChunkProgress, Segment
 from .chunk_plan import ChunkSpec, plan_chunk
 from .config import ConfigError, chunk_fingerprint, data_root, fingerprint_inputs, sampling_settings, split_name
-from .data import length_sorted_batches, load_shard, tokenize_shard
 from .layout import atomic_write_json, chunk_dir, config_name, manifest_path
 from .modeling import DTYPES, backbone_of, load_model, load_tokenizer, pick_device, resolve_capture
-from .progress import ChunkProgress, Segment
+from .source import length_sorted_batches, load_shard, tokenize_shard
 from .writer import ChunkWriter
 
 log = logging.getLogger("qk_sniffer")

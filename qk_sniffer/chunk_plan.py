@@ -262,7 +262,7 @@ def _same_range(recorded, start: int, stop: int | None) -> bool:
 def plan_chunk(cfg: dict, chunk: int, root: Path) -> ChunkSpec:
     """Chunk ``chunk``'s spec planned here (a ``sniff-chunk`` run outside the workflow): the same decision the
     workflow takes, with its plan files written so later chunks see the same layout."""
-    from .data import count_examples
+    from .source import count_examples
 
     chunks = decide(cfg, root, count_examples(cfg))
     write_plans(chunks)

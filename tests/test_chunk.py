@@ -337,7 +337,7 @@ def test_an_aborted_writer_writes_nothing_after_it_returns(tmp_path):
 
 def test_batches_keep_padding_small_at_long_contexts():
     """Rows far shorter than a batch's longest start their own batch; short rows batch freely; a pure function."""
-    from qk_sniffer.data import PADDING_SLACK_TOKENS, length_sorted_batches
+    from qk_sniffer.source import PADDING_SLACK_TOKENS, length_sorted_batches
 
     lengths = np.array([65536, 49152, 60000, 300, 20, 900, 8192, 7000, 6500])
     batches = length_sorted_batches(lengths, 4)

@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from qk_sniffer.checkpoints import JOURNAL, SEGMENTS, ChunkProgress
 from qk_sniffer.layout import DiskFullError, chunk_dir, manifest_path
 from qk_sniffer.merge import merge_staging
-from qk_sniffer.progress import JOURNAL, SEGMENTS, ChunkProgress
 from qk_sniffer.store import MERGED_NAME
 
 from .support.tiny_data import CORPUS, REPO, base_config

@@ -81,7 +81,7 @@ def _rewrite_vectors(path: Path, change) -> tuple[np.ndarray, np.ndarray, pa.Tab
 
 
 def _relative(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """The rule's relative difference, row by row, written out independently of merge.py."""
+    """The rule's relative difference, row by row, written out independently of qk_sniffer.merge."""
     a, b = a.astype(np.float64), b.astype(np.float64)
     return np.abs(a - b).max(axis=1) / np.maximum(np.abs(a).max(axis=1), np.abs(b).max(axis=1))
 
@@ -289,7 +289,7 @@ def test_two_batch_sizes_give_rounding_differences_only(tmp_path):
     shutil.rmtree(first / "staging")
     shutil.copytree(other / "staging", first / "staging")
     result = merge_staging(cfg8)  # batch size is not in the chunk fingerprint: the staged chunk is not stale
-    # what differs, counted here independently of merge.py
+    # what differs, counted here independently of qk_sniffer.merge
     differing, rows, top = {}, 0, 0.0
     for path in sorted((first / "final" / "data" / SPLIT).glob("*/data.parquet")):
         name = path.parent.name

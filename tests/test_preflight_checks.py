@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from qk_sniffer import data
+from qk_sniffer import source
 from qk_sniffer.config import ConfigError
 from qk_sniffer.model_check import ModelInfo, check_model
 from qk_sniffer.source_check import SourceInfo, check_source
@@ -94,8 +94,8 @@ def test_repeated_integer_ids_in_parquet(tmp_path, root):
 
 def test_ids_that_map_to_one_example_id_are_refused_with_both_values(tmp_path, root, monkeypatch):
     files = _jsonl(tmp_path / "c.jsonl", [{"id": f"k{i}", "text": t} for i, t in enumerate(_texts(4))])
-    real = data.example_id_of
-    monkeypatch.setattr(data, "example_id_of", lambda v: 42 if v in ("k1", "k3") else real(v))  # a collision
+    real = source.example_id_of
+    monkeypatch.setattr(source, "example_id_of", lambda v: 42 if v in ("k1", "k3") else real(v))  # a collision
     _refused(check_source, _config(root, files=files, id_column="id"), root,
              "dataset.id_column", "the values 'k1', 'k3' map to one example id (42)", "rows 1, 3")
 
@@ -292,7 +292,7 @@ def test_tokenizer_without_pad_token_pads_with_eos_and_changes_no_vector(tmp_pat
 
     tok = AutoTokenizer.from_pretrained(str(model))
     lengths = np.array([min(len(x), 40) for x in tok(_texts(10))["input_ids"]])
-    assert any(len(set(lengths[b])) > 1 for b in data.length_sorted_batches(lengths, 2)), "no batch is padded"
+    assert any(len(set(lengths[b])) > 1 for b in source.length_sorted_batches(lengths, 2)), "no batch is padded"
     tables = {}
     for batch in (2, 1):
         cfg = config(batch)

@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from qk_sniffer.checkpoints import JOURNAL, SEGMENTS
 from qk_sniffer.chunk import Capturer, run_chunk
 from qk_sniffer.layout import chunk_dir, manifest_path
-from qk_sniffer.progress import JOURNAL, SEGMENTS
 
 from .support.rows import assert_same_rows as assert_rows_close
 from .support.tiny_data import REPO, base_config
