@@ -12,9 +12,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from qk_sniffer.cli import DEFAULT_PROFILE, SNAKEFILE, main, snakemake_command
+from qk_sniffer.cli import main
 from qk_sniffer.config import chunk_fingerprint, load_config
 from qk_sniffer.effective_config import effective_config_path, write_effective_config
+from qk_sniffer.run_command import DEFAULT_PROFILE, SNAKEFILE, snakemake_command
 
 from .support.tiny_data import REPO, base_config
 from .support.workflow_runs import SNIFF_QK, workflow_env, write_yaml

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qk_sniffer.cli import DEFAULT_PROFILE
+from qk_sniffer.run_command import DEFAULT_PROFILE
 
 from .support.tiny_data import REPO, TINY_LLAMA
 from .support.workflow_runs import make_workdir, workflow_env

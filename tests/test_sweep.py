@@ -132,8 +132,8 @@ def test_the_cli_refuses_a_conflict_before_snakemake_starts(tmp_path):
 
 
 def test_the_run_command_counts_the_gpus_once_for_all_members(tmp_path, monkeypatch):
-    from qk_sniffer.cli import snakemake_command
     from qk_sniffer.config import validate_config
+    from qk_sniffer.run_command import snakemake_command
 
     gpu, cpu = validate_config(base()), validate_config(base(inference={"device": "cpu"}, workflow={"num_chunks": 8}))
     paths = [write_yaml(tmp_path / "gpu.yaml", gpu), write_yaml(tmp_path / "cpu.yaml", cpu)]
