@@ -28,7 +28,7 @@
 # named as the target. See workflow/rules/*.smk for what triggers each rule.
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 from qk_sniffer.config import ConfigError
 from qk_sniffer.sweep import plan_workflow
@@ -50,16 +50,14 @@ if not workflow.overwrite_configfiles:
 report: "workflow/report/workflow.rst"
 
 
-# The package's validator checks every member: its messages name the key path and suggest the
-# closest key for a typo, and it fills in every default. Snakemake's validate() then checks the
-# same schema. The rules read the members from PLAN; `config` stays what Snakemake merged from the
+# The package's validator checks every member against workflow/schemas/config.schema.yaml (one
+# pass; its messages name the key path and suggest the closest key for a typo) and fills in every
+# default. The rules read the members from PLAN; `config` stays what Snakemake merged from the
 # --configfile files (or the demo) and --config, read only by the report's description for its model.
 try:
     PLAN = plan_workflow(workflow.overwrite_configfiles, config, workflow.config_settings.config)
 except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
-for _member in PLAN.members:
-    validate(_member.cfg, "workflow/schemas/config.schema.yaml")
 
 
 include: "workflow/rules/common.smk"
