@@ -50,7 +50,7 @@ def data_file(base: Path, split: str, config: str) -> Path:
     return Path(base) / "data" / split / config / "data.parquet"
 
 
-class DiskFullError(QkSnifferError, OSError):
+class DiskFullError(QkSnifferError, OSError, RuntimeError):
     """A write ran out of room: no space left on the filesystem (ENOSPC) or the user's quota spent (EDQUOT).
 
     One line naming the file that was being written, what was left as it was, and what to do
