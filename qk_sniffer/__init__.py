@@ -14,7 +14,7 @@ _EXPORTS = {
     "Sniffer": "capture",
     "compute_positions": "capture",
     "get_active_sniffer": "capture",
-    "register_capture_attention": "capture",
+    "register_capture_attention": "capture_attention",
     "set_active_example_ids": "capture",
     "patch_modeling_modules": "modeling",
 }

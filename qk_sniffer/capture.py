@@ -1,12 +1,11 @@
 """Capture of query/key vectors inside attention layers.
 
-A capture attention function registered with transformers' ``AttentionInterface`` sees the
-queries and keys every layer hands to attention (post-RoPE, and after anything the model does
-after the rotation), gives them to the active sniffer and then calls the real implementation
-(sdpa, eager, flash, ...). Its mask function is registered under the same name, or transformers
-would pass no mask at all. Pre-RoPE capture takes the inputs of the model's own rotary function
-instead (:mod:`qk_sniffer.rope`); which layers exist, their head counts and sizes, and where the
-rotation's inputs sit come from a probe forward (:mod:`qk_sniffer.probe`).
+The capture attention function (:mod:`qk_sniffer.capture_attention`) hands the queries and keys
+every layer gives to attention (post-RoPE, and after anything the model does after the rotation)
+to the active sniffer defined here, before it calls the real implementation. Pre-RoPE capture
+takes the inputs of the model's own rotary function instead (:mod:`qk_sniffer.rope`); which
+layers exist, their head counts and sizes, and where the rotation's inputs sit come from a probe
+forward (:mod:`qk_sniffer.probe`).
 
 Hand-instrumented modeling files (``models/<name>/modeling_<name>.py``) call
 ``get_active_sniffer().capture(layer_idx, query_states, key_states, positions, sliding_window)``.
@@ -18,8 +17,6 @@ the device. Gathered tensors are copied to the host once per batch, after the fo
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,8 +25,6 @@ import torch
 from .errors import UnsupportedModelError
 from .rope import RotaryTap, check_recipe, gather_pre_rope
 from .sampling import KIND_CODE, SHARED_HEAD, BatchTokens, SamplerSpec
-
-CAPTURE_PREFIX = "qk_sniffer_"
 
 _GLOBAL: dict[str, Sniffer | None] = {"active": None}
 
@@ -374,58 +369,3 @@ def to_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tens
 def _raise_stop(module, args, output):
     if isinstance(get_active_sniffer(), Sniffer):
         raise StopForward()
-
-
-# -- attention interface ----------------------------------------------------------------------
-
-_EAGER_CACHE: dict[type, Callable] = {}
-
-
-def _eager_for(module) -> Callable:
-    fn = _EAGER_CACHE.get(type(module))
-    if fn is None:
-        mod = sys.modules[type(module).__module__]
-        fn = getattr(mod, "eager_attention_forward", None)
-        if fn is None:
-            raise UnsupportedModelError(
-                f"{type(module).__name__}: its modeling module has no eager_attention_forward; "
-                "use model.attn_implementation: sdpa"
-            )
-        _EAGER_CACHE[type(module)] = fn
-    return fn
-
-
-def _make_capture_attention(inner: str) -> Callable:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    def capture_attention(module, query, key, value, attention_mask, **kwargs):
-        active = get_active_sniffer()
-        if active is not None:
-            active.on_attention(module, query, key, kwargs.get("sliding_window", getattr(module, "sliding_window", None)))
-        fn = _eager_for(module) if inner == "eager" else ALL_ATTENTION_FUNCTIONS[inner]
-        return fn(module, query, key, value, attention_mask, **kwargs)
-
-    capture_attention.__name__ = f"{CAPTURE_PREFIX}{inner}"
-    return capture_attention
-
-
-def register_capture_attention(inner: str = "sdpa") -> str:
-    """Register ``qk_sniffer_<inner>`` (attention and mask function); return the name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    if inner.startswith(CAPTURE_PREFIX):
-        inner = inner[len(CAPTURE_PREFIX):]
-    if inner != "eager" and inner not in ALL_ATTENTION_FUNCTIONS:
-        known = ", ".join(["eager", *ALL_ATTENTION_FUNCTIONS.keys()])
-        raise UnsupportedModelError(
-            f"model.attn_implementation: {inner!r} is not available here (known: {known}); "
-            "install its package (e.g. flash-attn) or choose sdpa"
-        )
-    if inner not in ALL_MASK_ATTENTION_FUNCTIONS:
-        raise UnsupportedModelError(f"model.attn_implementation: {inner!r} has no mask function in transformers")
-    name = f"{CAPTURE_PREFIX}{inner}"
-    AttentionInterface.register(name, _make_capture_attention(inner))
-    ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
-    return name

@@ -9,9 +9,10 @@ itself before CUDA is initialised:
 * otherwise the candidate devices are ``$QK_SNIFFER_GPUS`` (e.g. ``0,1,2,3``), else the
   entries of a user-set ``CUDA_VISIBLE_DEVICES``, else the GPUs ``nvidia-smi -L`` lists;
 * one lock file per device lives in the lock directory (``$QK_SNIFFER_GPU_LOCK_DIR``, default
-  ``/tmp/qk-sniffer-gpu-locks-<uid>``); a lease holds an exclusive ``flock`` on N of them, taken
-  in device order, and waits (with backoff) while fewer than N are free. The kernel drops a
-  ``flock`` when its holder dies, SIGKILL included, so a crashed job never strands a GPU;
+  ``/tmp/qk-sniffer-gpu-locks-<uid>``); a lease holds a :class:`filelock.FileLock` (an exclusive
+  ``flock`` on Linux) on N of them, taken in device order, and waits (with backoff) while fewer
+  than N are free. The kernel drops a ``flock`` when its holder dies, SIGKILL included, so a
+  crashed job never strands a GPU;
 * the leased devices become ``CUDA_VISIBLE_DEVICES`` for the rest of the process, so the model
   sees them as ``cuda:0..N-1``.
 
@@ -22,7 +23,6 @@ setting ``CUDA_VISIBLE_DEVICES`` to the empty string.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import re
@@ -34,6 +34,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from .config import ConfigError
 from .errors import QkSnifferError
@@ -57,7 +59,7 @@ class Lease:
     source: str  # "lease", "scheduler", "cpu" (no GPU visible) or "forced-cpu" (n == 0)
     lock_dir: Path | None = None
     waited_s: float = 0.0
-    _files: list = field(default_factory=list, repr=False)
+    _locks: list[FileLock] = field(default_factory=list, repr=False)
 
     @property
     def cuda_visible_devices(self) -> str | None:
@@ -157,21 +159,32 @@ def _lock_name(device: str) -> str:
     return "gpu-" + re.sub(r"[^\w.-]", "_", device) + ".lock"
 
 
-def _try_lock(path: Path):
-    fh = open(path, "a+")  # noqa: SIM115 - kept open for the lifetime of the lease
+def _write_holder(fd: int) -> None:
+    """Record who holds the lock in the lock file itself, for the message of :class:`GpuLeaseTimeout`.
+
+    filelock calls this with the locked descriptor right after each acquire; it opens the file
+    without truncating, so a contender that fails to lock leaves the holder's line in place.
+    """
+    line = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n"
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, line.encode(), 0)
+
+
+def _try_lock(path: Path) -> FileLock | None:
+    """One non-blocking attempt at the device's lock file: the held lock, or None when another holds it.
+
+    Each attempt is a new :class:`filelock.FileLock` with its own descriptor, so a second lease in
+    the same process competes like another process; on Linux it is an ``flock``, which the
+    kernel drops when the holder dies (SIGKILL included). ``preserve_lock_file`` keeps the lock
+    file after release (all contenders must lock the same inode) and refuses filelock's fallback
+    to an existence-based soft lock, which a killed holder would strand.
+    """
+    lock = FileLock(path, thread_local=False, preserve_lock_file=True, on_acquired=_write_holder)
     try:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.close()
+        lock.acquire(blocking=False)
+    except Timeout:
         return None
-    except BaseException:
-        fh.close()
-        raise
-    fh.seek(0)
-    fh.truncate()
-    fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-    fh.flush()
-    return fh
+    return lock
 
 
 def _holder(path: Path) -> str:
@@ -181,19 +194,20 @@ def _holder(path: Path) -> str:
         return "unknown"
 
 
-def _acquire(devices: list[str], n: int, lock_dir: Path) -> tuple[list[str], list]:
+def _acquire(devices: list[str], n: int, lock_dir: Path) -> tuple[list[str], list[FileLock]]:
+    """Lock the first ``n`` free devices in order: their names and locks, or nothing when fewer are free."""
     got: list[str] = []
-    files: list = []
+    locks: list[FileLock] = []
     for dev in devices:
-        fh = _try_lock(lock_dir / _lock_name(dev))
-        if fh is None:
+        lock = _try_lock(lock_dir / _lock_name(dev))
+        if lock is None:
             continue
         got.append(dev)
-        files.append(fh)
+        locks.append(lock)
         if len(got) == n:
-            return got, files
-    for fh in files:  # not enough: hold nothing while waiting, so two multi-GPU jobs cannot deadlock
-        fh.close()
+            return got, locks
+    for lock in locks:  # not enough: hold nothing while waiting, so two multi-GPU jobs cannot deadlock
+        lock.release()
     return [], []
 
 
@@ -253,7 +267,7 @@ def lease_gpus(n: int, *, lock_dir: str | Path | None = None, visible: list[str]
     delay = poll
     announced = 0.0
     while True:
-        got, files = _acquire(devices, n, ldir)
+        got, locks = _acquire(devices, n, ldir)
         if got:
             break
         waited = time.monotonic() - t0
@@ -273,10 +287,10 @@ def lease_gpus(n: int, *, lock_dir: str | Path | None = None, visible: list[str]
         # nvidia-smi numbers devices in PCI bus order; make CUDA use the same numbering
         os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     log.info("leased GPU(s) %s (waited %.1fs): CUDA_VISIBLE_DEVICES=%s", ",".join(got), waited, os.environ[CVD])
-    lease = Lease(devices=got, source="lease", lock_dir=ldir, waited_s=waited, _files=files)
+    lease = Lease(devices=got, source="lease", lock_dir=ldir, waited_s=waited, _locks=locks)
     try:
         yield lease
     finally:
-        for fh in files:
-            fh.close()
+        for lock in locks:
+            lock.release()
         restore()

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from .capture import CAPTURE_PREFIX, CaptureSpec, register_capture_attention
+from .capture import CaptureSpec
+from .capture_attention import CAPTURE_PREFIX, register_capture_attention
 from .config import REPO_ROOT, ConfigError, tokenizer_name
 from .errors import UnsupportedModelError
 from .heads import heads_by_layer, sample_heads, selection_record
