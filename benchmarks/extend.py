@@ -15,8 +15,8 @@ import statistics
 import time
 from pathlib import Path
 
-EXAMPLES = 240  # N: examples of the first run; the extension and the fresh run have 2N
-REPS = 3
+EXAMPLES = 200  # N: examples of the first run; the extension and the fresh run have 2N (the demo corpus has 400)
+REPS = 2
 
 
 def _write_cfg(path: Path, model_dir: Path, root: Path, max_samples: int) -> Path:
@@ -45,8 +45,8 @@ def _timed_run(work: Path, cfg: Path) -> float:
     return time.perf_counter() - t
 
 
-def _tokens(root: Path, chunks: list[int]) -> int:
-    return sum(json.loads((root / f"staging/chunk-{k}/manifest.json").read_text())["tokens"] for k in chunks)
+def _tokens(root: Path, chunks: list[str]) -> int:
+    return sum(json.loads((root / "staging" / name / "manifest.json").read_text())["tokens"] for name in chunks)
 
 
 def bench_extend(args, tmp: Path) -> list[dict]:
@@ -69,9 +69,10 @@ def bench_extend(args, tmp: Path) -> list[dict]:
             took = _timed_run(work, _write_cfg(case / f"{what}.yaml", model, root, 2 * n))
             (ext_s if what == "ext" else fresh_s).append(took)
         merged = json.loads((base_root / "final/.merged.json").read_text())
-        facts = {"chunks_before": len(before), "chunks_after": len(list((base_root / "staging").iterdir())),
-                 "methods": merged["methods"], "new_tokens": _tokens(base_root, [4, 5, 6, 7]),
-                 "fresh_tokens": _tokens(fresh_root, [0, 1, 2, 3])}
+        after = sorted(p.name for p in (base_root / "staging").iterdir())
+        facts = {"chunks_before": len(before), "chunks_after": len(after), "methods": merged["methods"],
+                 "new_tokens": _tokens(base_root, [c for c in after if c not in before]),
+                 "fresh_tokens": _tokens(fresh_root, sorted(p.name for p in (fresh_root / "staging").iterdir()))}
         shutil.rmtree(case)
     ext, fresh = statistics.median(ext_s), statistics.median(fresh_s)
     note = (f"{n} -> {2 * n} examples: chunks {facts['chunks_before']} -> {facts['chunks_after']}, "
