@@ -157,8 +157,8 @@ def test_footer_that_cannot_be_carried_over_falls_back_to_rewrite(tmp_path, stag
 
 
 def test_appends_use_the_chunks_records_instead_of_reading_keys(tmp_path, staged, monkeypatch):
-    from qk_sniffer import parquet as parquet_module
     from qk_sniffer.merge import append as merge_module
+    from qk_sniffer.parquet import relocation as parquet_module
 
     read, patched, parsed = [], [], []
     real, real_patch, real_md = merge_module._read_span, parquet_module._patched_row_groups, parquet_module.Footer.md
