@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .config import ConfigError, chunk_fingerprint, fingerprint_inputs, legacy_chunk_fingerprint
-from .layout import atomic_write_text, manifest_path, staging_dir
+from .layout import manifest_path, staging_dir, write_text_if_changed
 
 PLANS_DIR = Path(".qk-sniffer") / "chunks"
 PLAN_FORMAT = 1
@@ -279,13 +279,7 @@ def write_plans(chunks: MemberChunks) -> None:
     for d in chunks.decisions:
         path = plan_path(chunks.root, d.spec.chunk)
         planned.add(path.name)
-        text = d.spec.to_json()
-        try:
-            same = path.read_text(encoding="utf-8") == text
-        except OSError:
-            same = False
-        if not same:
-            atomic_write_text(path, text)
+        same = not write_text_if_changed(path, d.spec.to_json())
         try:
             done = manifest_path(chunks.root, d.spec.chunk).stat().st_mtime
         except OSError:

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from .config import data_root
-from .layout import atomic_write_text
+from .layout import write_text_if_changed
 
 EFFECTIVE_CONFIG = Path(".qk-sniffer") / "config.yaml"
 
@@ -26,10 +26,5 @@ def write_effective_config(cfg: dict, root: Path | None = None) -> Path:
         "# Written by the Snakefile on every invocation; edit the config you run with, not this copy.\n"
         + yaml.safe_dump(cfg, sort_keys=True, default_flow_style=False, allow_unicode=True)
     )
-    try:
-        unchanged = path.read_text(encoding="utf-8") == text
-    except OSError:
-        unchanged = False
-    if not unchanged:
-        atomic_write_text(path, text)
+    write_text_if_changed(path, text)
     return path

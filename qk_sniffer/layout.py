@@ -140,6 +140,18 @@ def atomic_write_text(path: Path, text: str) -> None:
         fh.write(text)
 
 
+def write_text_if_changed(path: Path, text: str) -> bool:
+    """:func:`atomic_write_text` unless ``path`` already holds ``text`` (its modification time then stays put);
+    whether it wrote."""
+    try:
+        if Path(path).read_text(encoding="utf-8") == text:
+            return False
+    except OSError:
+        pass
+    atomic_write_text(path, text)
+    return True
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -26,7 +26,7 @@ from .front_matter import read_front_matter
 from .layout import CONFIG_RE, atomic_write_text, final_dir, parse_config_name, remove_stale_temps
 from .report import render_card_figure, rows_per_group
 from .sampling import log_uniform_floor
-from .store import MERGED_NAME, bucket_counts, final_configs
+from .store import bucket_counts, final_configs, merged_record
 
 BEGIN = "<!-- qk-sniffer:begin -->"
 END = "<!-- qk-sniffer:end -->"
@@ -124,17 +124,6 @@ def _bucket_table(buckets: dict) -> list[dict]:
     return [{"bucket": b, "q": rows[b]["q"], "k": rows[b]["k"]} for b in sorted(rows)]
 
 
-def _load_merged(final: Path, split: str) -> dict | None:
-    p = final / MERGED_NAME
-    if not p.is_file():
-        return None
-    try:
-        merged = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return merged if merged.get("split") == split else None
-
-
 def _cfg_meta(cfg: dict) -> dict:
     m, d = cfg["model"], cfg["dataset"]
     return {
@@ -149,7 +138,7 @@ def split_meta(cfg: dict, final: Path, split: str, configs: list[str], previous:
     """Metadata of the split this run writes, from ``.merged.json`` (else the previous card, else the config)."""
     prev = dict(previous or {})
     meta = {k: v for k, v in prev.items() if k != "updated_at"}
-    merged = _load_merged(final, split)
+    merged = merged_record(final, split)
     run = (merged or {}).get("run")
     if run:  # this run merged chunks: its model, dataset and sampling describe the split now
         model = run.get("model") or {}

@@ -33,7 +33,7 @@ import yaml
 
 from .config import ConfigError, chunk_fingerprint, data_root, load_schema, split_name, tokenizer_name, validate_config
 from .effective_config import EFFECTIVE_CONFIG, write_effective_config
-from .layout import atomic_write_text
+from .layout import write_text_if_changed
 
 TOKENS_SIDECAR = Path(".qk-sniffer") / "tokens.json"
 TOKEN_CACHE = Path(".qk-sniffer") / "tokens"  # relative to the working directory of the workflow
@@ -330,15 +330,6 @@ def plan(members: list[tuple[str, dict]]) -> Plan:
 # -- what the Snakefile writes before building the DAG ---------------------------------------------------
 
 
-def _write_if_changed(path: Path, text: str) -> None:
-    try:
-        if path.read_text(encoding="utf-8") == text:
-            return
-    except OSError:
-        pass
-    atomic_write_text(path, text)
-
-
 def link_final(member: Member) -> None:
     """``<member root>/final`` -> the dataset root's ``final/`` (relative, so a moved data root keeps working)."""
     target = Path(member.dataset) / "final"
@@ -361,7 +352,7 @@ def prepare(plan_: Plan, workdir: Path | None = None) -> None:
         write_effective_config(m.cfg, Path(m.root))
         sidecar = Path(m.root) / TOKENS_SIDECAR
         if m.shares_tokens:
-            _write_if_changed(sidecar, json.dumps({"cache": str(cache.absolute())}, indent=2) + "\n")
+            write_text_if_changed(sidecar, json.dumps({"cache": str(cache.absolute())}, indent=2) + "\n")
         else:
             sidecar.unlink(missing_ok=True)
         if m.root != m.dataset:

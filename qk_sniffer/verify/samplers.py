@@ -46,6 +46,16 @@ def describe_spec(spec: SamplerSpec) -> str:
             f"min_bucket_size {spec.min_bucket_size}")
 
 
+def _add_specs(ctx, specs: list, recs: list, split: str, where, fix: str) -> None:
+    """The sampler of each record in ``recs`` appended to ``specs``; a record that names none is a problem of
+    ``where``, fixed by ``fix``."""
+    for rec in recs:
+        try:
+            specs.append(spec_of_record(rec if isinstance(rec, dict) else {}))
+        except (ValueError, TypeError) as exc:
+            ctx.problem(where, f"the sampling recorded for split {split!r} ({rec!r}) {exc}; {fix}")
+
+
 def split_samplers(ctx: VerifyContext, split: str) -> tuple[list[SamplerSpec] | None, str]:
     """Every sampler recorded for ``split`` (rows must fit one of them), and where they came from."""
     specs: list[SamplerSpec] = []
@@ -56,12 +66,7 @@ def split_samplers(ctx: VerifyContext, split: str) -> tuple[list[SamplerSpec] | 
         recs = [meta["sampling"], *(meta.get("previous_sampling") or [])]
         if any(is_original_sampling(rec) for rec in recs):
             return None, ORIGINAL_ROWS
-        for rec in recs:
-            try:
-                specs.append(spec_of_record(rec if isinstance(rec, dict) else {}))
-            except (ValueError, TypeError) as exc:
-                ctx.problem(readme, f"the sampling recorded for split {split!r} ({rec!r}) {exc}; render the "
-                                    "README again")
+        _add_specs(ctx, specs, recs, split, readme, "render the README again")
         sources.append("final/README.md")
     merged = ctx.merged if ctx.merged and ctx.merged.get("split") == split else None
     if merged and merged.get("sampling"):
@@ -72,12 +77,7 @@ def split_samplers(ctx: VerifyContext, split: str) -> tuple[list[SamplerSpec] | 
         recs = [merged["sampling"]] + ([mixed.get("recorded")] if isinstance(mixed, dict) else [])
         if any(is_original_sampling(rec) for rec in recs):
             return None, ORIGINAL_ROWS
-        for rec in recs:
-            try:
-                specs.append(spec_of_record(rec if isinstance(rec, dict) else {}))
-            except (ValueError, TypeError) as exc:
-                ctx.problem(ctx.final / ".merged.json", f"the sampling recorded for split {split!r} ({rec!r}) "
-                                                        f"{exc}; rerun merge")
+        _add_specs(ctx, specs, recs, split, ctx.final / ".merged.json", "rerun merge")
         sources.append("final/.merged.json")
     if not sources and ctx.cfg is not None:
         if split_name(ctx.cfg) == split:
