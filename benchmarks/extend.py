@@ -63,7 +63,7 @@ def bench_extend(args, tmp: Path) -> list[dict]:
     model = build_model("tiny", tmp / "model-tiny")
     n = EXAMPLES
     ext_s, fresh_s = [], []
-    work: dict[str, list[float]] = {"ext forward": [], "fresh forward": [], "ext total": [], "fresh total": []}
+    chunk_times: dict[str, list[float]] = {"ext forward": [], "fresh forward": [], "ext total": [], "fresh total": []}
     facts: dict = {}
     for rep in range(REPS):
         case = tmp / f"extend-{rep}"
@@ -82,13 +82,13 @@ def bench_extend(args, tmp: Path) -> list[dict]:
         new = _manifests(base_root, [c for c in after if c not in before])
         fresh_chunks = _manifests(fresh_root, sorted(p.name for p in (fresh_root / "staging").iterdir()))
         for arm, chunks in (("ext", new), ("fresh", fresh_chunks)):
-            work[f"{arm} forward"].append(_chunk_seconds(chunks, "forward_s"))
-            work[f"{arm} total"].append(_chunk_seconds(chunks, "total_s"))
+            chunk_times[f"{arm} forward"].append(_chunk_seconds(chunks, "forward_s"))
+            chunk_times[f"{arm} total"].append(_chunk_seconds(chunks, "total_s"))
         facts = {"chunks_before": len(before), "chunks_after": len(after), "methods": merged["methods"],
                  "new_tokens": sum(m["tokens"] for m in new), "fresh_tokens": sum(m["tokens"] for m in fresh_chunks)}
         shutil.rmtree(case)
     ext, fresh = statistics.median(ext_s), statistics.median(fresh_s)
-    med = {k: statistics.median(v) for k, v in work.items()}
+    med = {k: statistics.median(v) for k, v in chunk_times.items()}
     note = (f"{n} -> {2 * n} examples: chunks {facts['chunks_before']} -> {facts['chunks_after']}, "
             f"merge {facts['methods']}; tokens computed {facts['new_tokens']:,} vs {facts['fresh_tokens']:,} fresh")
     return [
