@@ -370,7 +370,7 @@ def synth_staging(root: Path, cfg: dict, *, n_chunks: int, n_layers: int, n_head
 
     from qk_sniffer.config import chunk_fingerprint, sampling_settings, split_name
     from qk_sniffer.layout import atomic_write_json, config_name, data_file, manifest_path
-    from qk_sniffer.parquet import summarize, write_parquet_atomic
+    from qk_sniffer.parquet import write_parquet_atomic
     from qk_sniffer.sampling import bucket_of
     from qk_sniffer.writer import row_schema
 
@@ -379,7 +379,7 @@ def synth_staging(root: Path, cfg: dict, *, n_chunks: int, n_layers: int, n_head
     schema = row_schema(head_dim)
     total = 0
     for c in range(n_chunks):
-        rows, files, summaries = {}, {}, {}
+        rows, files = {}, {}
         for layer in range(n_layers):
             for head in range(n_heads):
                 for kind in "qk":
@@ -400,13 +400,12 @@ def synth_staging(root: Path, cfg: dict, *, n_chunks: int, n_layers: int, n_head
                     # as sniff-chunk writes them: sorted by key, in the final files' format
                     path = data_file(root / "staging" / f"chunk-{c}", split, name)
                     write_parquet_atomic(table, path)
-                    summaries[name] = summarize(table, path)
                     rows[name] = n
                     files[name] = f"data/{split}/{name}/data.parquet"
                     total += n
         atomic_write_json(manifest_path(root, c), {
             "chunk": c, "num_chunks": n_chunks, "split": split, "example_range": [c * 1000, (c + 1) * 1000],
-            "examples": 1000, "tokens": 0, "rows": rows, "files": files, "summaries": summaries,
+            "examples": 1000, "tokens": 0, "rows": rows, "files": files,
             "config_fingerprint": chunk_fingerprint(cfg), "sampling": sampling_settings(cfg),
             "model": {"name": "synthetic", "num_layers": n_layers, "num_heads": n_heads, "num_kv_heads": n_heads,
                       "head_dim": head_dim, "layer_windows": [None] * n_layers},
@@ -476,15 +475,6 @@ def bench_merge(args, tmp: Path) -> list[dict]:
         with mock.patch("os.fsync"):
             ours(work)
 
-    def without_summaries(work: Path) -> None:  # manifests without the chunks' records: keys read from the files
-        for mf in work.glob("staging/chunk-*/manifest.json"):
-            m = json.loads(mf.read_text())
-            m.pop("summaries", None)
-            mf.write_text(json.dumps(m))
-        t = time.perf_counter()
-        ours(work)
-        return time.perf_counter() - t
-
     def row_by_row(work: Path) -> None:  # the naive design: Python objects per row, dict dedup, sort, write
         for name in subset:
             seen = {}
@@ -516,7 +506,7 @@ def bench_merge(args, tmp: Path) -> list[dict]:
     reps = max(3, min(args.reps, 5))
     timed(ours), timed(raw)  # warm-up
     m = medians(src, {"ours": ours, "raw": raw, "rewrite": rewrite, "copy": copy_floor, "durable": durable_floor,
-                      "read": without_summaries, "nosync": not_durable},
+                      "nosync": not_durable},
                 {"chunk": chunk_side, "naive": row_by_row})
     # the same, on a bf16 model's vectors
     m16 = medians(src_bf16, {"ours": ours, "raw": raw, "durable": durable_floor}, {"naive": row_by_row})
@@ -543,8 +533,6 @@ def bench_merge(args, tmp: Path) -> list[dict]:
             round(m["ours"] / m["durable"], 3), "report (merge / durable floor)"),
         row("same, with fsync disabled (not how it runs: what durability costs)",
             f"merge_staging without fsync {m['nosync']:.2f} s", vs_naive, round(naive / m["nosync"], 1), "report"),
-        row("same, manifests without the chunks' records (keys read, footers parsed and walked instead)",
-            f"merge_staging {m['read']:.2f} s", vs_naive, round(naive / m["read"], 1), "report"),
         row("same, rewrite path (keys that interleave or repeat: decode, dedup, sort, encode)",
             f"merge_staging append=False {m['rewrite']:.2f} s", f"raw pyarrow read+write {m['raw']:.2f} s",
             round(m["rewrite"] / m["raw"], 3), "<= 2x raw"),

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .layout import DiskFullError, atomic_write_json, data_file, disk_full_errno, remove_stale_temps
-from .parquet import KEYS, summarize, write_parquet_atomic
+from .parquet import KEYS, write_parquet_atomic
 
 log = logging.getLogger("qk_sniffer")
 
@@ -186,15 +186,15 @@ class ChunkProgress:
             "computed_tokens": sum(seg["computed_tokens"] for seg in self.segments),
         }
 
-    def assemble(self) -> tuple[dict[str, int], dict[str, dict]]:
-        """Turn the segments into ``data/<split>/<config>/data.parquet`` (one file per config); returns the rows
-        per config and each written file's summary (``qk_sniffer.parquet.summarize``, for the manifest)."""
+    def assemble(self) -> dict[str, int]:
+        """Turn the segments into ``data/<split>/<config>/data.parquet`` (one file per config, sorted by key);
+        returns the rows per config."""
         rows = self.totals()["rows"]
         names = sorted(n for n, count in rows.items() if count > 0)
         try:
             # pyarrow decodes, sorts and encodes without the GIL: configs are assembled side by side
             with ThreadPoolExecutor(max_workers=ASSEMBLE_WORKERS) as pool:
-                summaries = dict(zip(names, pool.map(self._assemble_one, names)))
+                list(pool.map(self._assemble_one, names))
         except BaseException as exc:
             # the files assembled so far are made again from the segments by the rerun: their room is given back now
             shutil.rmtree(self.out / "data", ignore_errors=True)
@@ -205,15 +205,14 @@ class ChunkProgress:
                                                 "and run the chunk again (it resumes from them without running the "
                                                 "model over its examples again)") from exc
             raise
-        return rows, summaries
+        return rows
 
-    def _assemble_one(self, name: str) -> dict:
+    def _assemble_one(self, name: str) -> None:
         parts = [data_file(self.out / SEGMENTS / seg["name"], self.split, name) for seg in self.segments
                  if seg["rows"].get(name, 0) > 0]
         table = pa.concat_tables([pq.read_table(p) for p in parts]).sort_by([(k, "ascending") for k in KEYS])
         path = data_file(self.out, self.split, name)
         write_parquet_atomic(table, path)
-        return summarize(table, path)
 
     def cleanup(self) -> None:
         """Remove the segments and the journal (after the manifest: a kill here only leaves spare files)."""

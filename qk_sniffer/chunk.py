@@ -248,7 +248,7 @@ def run_chunk(cfg: dict, chunk: int, plan: ChunkSpec | None = None, root: Path |
         else:
             seg.writer.abort()
         t_forward = time.perf_counter()
-        rows, summaries = progress.assemble()
+        rows = progress.assemble()
     except BaseException:
         seg.writer.abort()
         raise
@@ -273,8 +273,6 @@ def run_chunk(cfg: dict, chunk: int, plan: ChunkSpec | None = None, root: Path |
         "computed_tokens": progress.totals()["computed_tokens"],
         "rows": {name: int(rows.get(name, 0)) for name in sorted(names)},
         "files": {name: f"data/{split}/{name}/data.parquet" for name in sorted(rows) if rows[name] > 0},
-        # per file: keys, bucket counts and identity, so the merge appends it without reading it again
-        "summaries": {name: summaries[name] for name in sorted(summaries)},
         "config_fingerprint": chunk_fingerprint(cfg),
         # what the fingerprint hashes, so a later run can say which setting changed
         "fingerprint_inputs": json.loads(json.dumps(fingerprint_inputs(cfg), default=str)),

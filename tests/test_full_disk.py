@@ -181,7 +181,7 @@ def test_chunk_out_of_space_in_its_writer_then_rerun(tmp_path, small_fs):
     man = json.loads(manifest_path(root, 0).read_text())
     assert sum(man["rows"].values()) > 0
     for rel in man["files"].values():
-        assert pq.read_metadata(staged / rel).num_rows == man["summaries"][Path(rel).parent.name]["rows"]
+        assert pq.read_metadata(staged / rel).num_rows == man["rows"][Path(rel).parent.name]
     assert _temps(root) == [] and not (staged / SEGMENTS).exists() and not (staged / JOURNAL).exists()
 
 

@@ -9,11 +9,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from qk_sniffer.parquet import (
+    FMD_ROW_GROUPS,
+    STRUCT,
+    Footer,
     FooterError,
     _moved_row_groups,
+    _replace,
+    _write_list_head,
     concat_files,
     copy_struct,
-    offset_map,
     read_footer,
     write_parquet_atomic,
 )
@@ -124,9 +128,14 @@ def test_files_that_cannot_share_a_footer_are_refused(tmp_path):
         read_footer(damaged)
 
 
-def test_ordinals_past_an_i16_are_left_out_and_the_footer_stays_valid(tmp_path):
-    from qk_sniffer.parquet import FMD_ROW_GROUPS, STRUCT, _replace, _write_list_head
+def _footer_with_row_groups(footer: Footer, groups: bytes, count: int | None = None) -> bytes:
+    """``footer``'s bytes with its row group list replaced by ``count`` encoded row groups (as many as it had)."""
+    head = bytearray()
+    _write_list_head(footer.md.num_row_groups if count is None else count, STRUCT, head)
+    return copy_struct(footer.raw, {FMD_ROW_GROUPS: _replace(bytes(head) + groups)})
 
+
+def test_ordinals_past_an_i16_are_left_out_and_the_footer_stays_valid(tmp_path):
     table = _table(np.random.default_rng(3), 0, 50)
     path = tmp_path / "a.parquet"
     pl.from_arrow(table).write_parquet(path, row_group_size=700)  # polars writes row group ordinals (pyarrow does not)
@@ -136,9 +145,7 @@ def test_ordinals_past_an_i16_are_left_out_and_the_footer_stays_valid(tmp_path):
     n = _moved_row_groups(f, 0, 0x8000, groups)  # ordinals from 32768 on: every one is left out
     _moved_row_groups(f, 0, 0, same)
     assert n == f.md.num_row_groups > 2 and len(groups) == len(same) - 2 * n  # field header and value, 1 byte each
-    head = bytearray()
-    _write_list_head(n, STRUCT, head)
-    footer = copy_struct(f.raw, {FMD_ROW_GROUPS: _replace(bytes(head) + bytes(groups))})
+    footer = _footer_with_row_groups(f, bytes(groups), n)
     out = tmp_path / "b.parquet"
     out.write_bytes(path.read_bytes()[:f.body_end] + footer + len(footer).to_bytes(4, "little") + b"PAR1")
     assert pq.read_table(out).equals(table)
@@ -203,37 +210,20 @@ def test_a_file_with_plain_vectors_and_one_with_split_vectors_concatenate(tmp_pa
 
 
 @pytest.mark.parametrize("options", list(WRITE_OPTIONS.values()), ids=list(WRITE_OPTIONS))
-def test_row_groups_moved_by_their_offset_map_equal_the_walked_ones(tmp_path, options):
-    """Patching the offsets an offset map points at gives the very bytes walking the footer gives, for moves that
-    lengthen the offsets' varints too; a map that does not fit its footer is not used."""
+def test_moved_row_groups_shift_every_offset_by_the_delta(tmp_path, options):
+    """Row groups moved by deltas that lengthen the offsets' varints read back (through pyarrow, not the codec)
+    with every column chunk offset moved by exactly the delta, ordinals from the one given."""
     path = _write(_table(np.random.default_rng(8), 0, 120), tmp_path / "a.parquet", options)
     footer = read_footer(path)
-    walked = {}
+    before = [[(c.data_page_offset, c.dictionary_page_offset if c.has_dictionary_page else None)
+               for c in (rg.column(j) for j in range(rg.num_columns))]
+              for rg in (footer.md.row_group(i) for i in range(footer.md.num_row_groups))]
     for delta in (0, 1, 1000, 1 << 21, 1 << 40):
-        walked[delta] = bytearray()
-        assert _moved_row_groups(footer, delta, 5, walked[delta]) == footer.md.num_row_groups
-    m = offset_map(footer)
-    start, end, count = m["row_groups"]
-    assert count == footer.md.num_row_groups and footer.raw[start:end] == bytes(walked[0])
-    per_group = 1 + footer.md.num_columns * (2 if options and options.get("write_page_index") else 1)
-    assert len(m["offsets"]) >= 2 * count * per_group  # row group and column chunk offsets, page indexes
-    footer.record = {"rows": footer.num_rows, "row_group_offsets": m}  # as a merge adopts a chunk's record
-    for delta, want in walked.items():
-        got = bytearray()
-        assert _moved_row_groups(footer, delta, 5, got) == count and got == want
-    for bad in ({**m, "offsets": [s + 1 for s in m["offsets"]]}, {**m, "row_groups": [start, end, count + 1]},
-                {**m, "offsets": m["offsets"][:-1]}, {"offsets": m["offsets"]}, None):
-        footer.record = {"rows": footer.num_rows, "row_group_offsets": bad}
-        got = bytearray()
-        assert _moved_row_groups(footer, 1 << 21, 5, got) == count and got == walked[1 << 21]
-    out = tmp_path / "out.parquet"
-    footer.record = {"rows": footer.num_rows, "row_group_offsets": m}
-    concat_files([path, path], out, [read_footer(path), footer])
-    assert pq.ParquetFile(out, page_checksum_verification=True).read().equals(pa.concat_tables([pq.read_table(path)] * 2))
-
-
-def test_no_offset_map_for_row_groups_with_ordinals(tmp_path):
-    path = tmp_path / "a.parquet"
-    pl.from_arrow(_table(np.random.default_rng(9), 0, 50)).write_parquet(path, row_group_size=700)  # ordinals
-    assert offset_map(read_footer(path)) is None
-    assert offset_map(read_footer(_write(_table(np.random.default_rng(9), 0, 50), tmp_path / "b.parquet", None)))
+        out = bytearray()
+        assert _moved_row_groups(footer, delta, 5, out) == footer.md.num_row_groups
+        moved = Footer(path, _footer_with_row_groups(footer, bytes(out)), footer.body_end + delta)
+        got = [[(c.data_page_offset, c.dictionary_page_offset if c.has_dictionary_page else None)
+                for c in (rg.column(j) for j in range(rg.num_columns))]
+               for rg in (moved.md.row_group(i) for i in range(moved.md.num_row_groups))]
+        assert got == [[tuple(o + delta if o is not None and o >= 4 else o for o in chunk) for chunk in rg]
+                       for rg in before]

@@ -238,34 +238,6 @@ def _staged_row_count_differs(root):
     return p, f"holds {t.num_rows - 1:,} rows but staging/chunk-1/manifest.json records {t.num_rows:,}"
 
 
-def _staged_file_replaced(root):
-    """The same rows written again another way: the row count still matches, the chunk's record does not."""
-    mf = root / "staging" / "chunk-0" / "manifest.json"
-    p = mf.parent / json.loads(mf.read_text())["files"]["l01h00k"]
-    pq.write_table(pq.read_table(p), p, compression="snappy")
-    return p, "is not the file its chunk wrote"
-
-
-def _staged_offset_map_wrong(root):
-    """The chunk's record of where the file's offsets lie, off by one: a merge would patch the wrong bytes."""
-    mf = root / "staging" / "chunk-1" / "manifest.json"
-    man = json.loads(mf.read_text())
-    name = sorted(man["files"])[-1]
-    man["summaries"][name]["row_group_offsets"]["offsets"][0] += 1
-    mf.write_text(json.dumps(man))
-    return mf.parent / man["files"][name], "records its row groups' offsets wrongly"
-
-
-def _staged_record_row_count_wrong(root):
-    """The record's row count alone is wrong (the manifest's rows and the file agree): a merge would trust it."""
-    mf = root / "staging" / "chunk-0" / "manifest.json"
-    man = json.loads(mf.read_text())
-    name = sorted(man["files"])[0]
-    man["summaries"][name]["rows"] += 1
-    mf.write_text(json.dumps(man))
-    return mf.parent / man["files"][name], "records its row count wrongly"
-
-
 def _truncated_parquet(root):
     p = _final(root, "tiny", "l02h01k")
     data = p.read_bytes()
@@ -304,8 +276,7 @@ def _readme_without_a_split(root):
 DAMAGE = [_dropped_column, _wrong_vector_length, _duplicate_keys, _unsorted_keys, _layer_disagrees_with_path,
           _bucket_edited, _unselected_row_added, _unselected_row_per_head_split, _readme_missing_config,
           _readme_config_without_file, _readme_aggregate_glob_too_wide, _readme_aggregate_misses_split,
-          _staged_row_count_differs, _staged_file_replaced, _staged_offset_map_wrong,
-          _staged_record_row_count_wrong, _truncated_parquet, _damaged_page,
+          _staged_row_count_differs, _truncated_parquet, _damaged_page,
           _stray_tmp_file, _invalid_split_name, _readme_without_a_split]
 
 

@@ -17,12 +17,9 @@ Two ways to write a grown file, chosen per config:
 - **append** when every staged row's key comes after every key already there (new examples: the
   chunks of a run cover disjoint, increasing example ranges and sniff-chunk writes each staged file
   sorted, in the final format): the final file's bytes and the staged files' row groups are
-  concatenated byte for byte under one new footer (``qk_sniffer.parquet.concat_files``; :mod:`.append`). A staged
-  file that still matches the record its chunk's manifest keeps of it (size and footer digest) is
-  taken at that record's word (first and last key, bucket counts, rows, layout, where its footer's
-  offsets lie): its keys are not read and its footer is neither parsed nor walked. Otherwise its
-  key and bucket columns are read. Memory stays at a few columns of one staged file per thread
-  (``APPEND_WORKERS``).
+  concatenated byte for byte under one new footer (``qk_sniffer.parquet.concat_files``; :mod:`.append`). Of
+  each staged file only the key and bucket columns are read, never the vectors. Memory stays at a few
+  columns of one staged file per thread (``APPEND_WORKERS``).
 - **rewrite** otherwise (keys that interleave or repeat, or files whose Parquet schema or metadata
   differ): the union is decoded, deduplicated, sorted and encoded again. Memory is bounded by one
   config (its final file plus its staged rows) per worker thread (``MERGE_WORKERS``, two at most; :mod:`.rewrite`).

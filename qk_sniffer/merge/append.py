@@ -3,10 +3,9 @@ grown by concatenating the final file's bytes and the staged files' row groups b
 footer (:func:`qk_sniffer.parquet.concat_files`), without decoding a vector.
 
 The chunks of a run cover disjoint, increasing example ranges and sniff-chunk writes each staged file sorted,
-in the final format. A staged file that still matches the record its chunk's manifest keeps of it (size and
-footer digest) is taken at that record's word (first and last key, bucket counts, rows, layout, where its
-footer's offsets lie): its keys are not read and its footer is neither parsed nor walked. Otherwise its key and
-bucket columns are read. Memory stays at a few columns of one staged file per thread (``APPEND_WORKERS``).
+in the final format. Each staged file's key and bucket columns are read (its first and last key, that its keys
+strictly increase, its rows per bucket); its vectors are not. Memory stays at a few columns of one staged file
+per thread (``APPEND_WORKERS``).
 """
 
 from __future__ import annotations
@@ -55,11 +54,7 @@ def append_plan(final_path: Path, staged_paths: list[Path],
                  footers: dict[Path, Footer]) -> tuple[list[Footer], dict[int, int], int] | None:
     """How to add ``staged_paths`` to ``final_path`` without decoding vectors, or None when the config needs a
     rewrite. Returns the footers to concatenate in order (the final file's first; none when every staged
-    file is already in the final file byte for byte), the bucket counts of the added rows and their number.
-
-    A staged file's keys and bucket counts come from its chunk's record (adopted by
-    :func:`qk_sniffer.merge.inputs.check_config`) when the file is still the one the chunk wrote (its rows were
-    sorted by the chunk itself); otherwise they are read from it."""
+    file is already in the final file byte for byte), the bucket counts of the added rows and their number."""
     try:
         staged = [f for f in (footers.get(p) or read_footer(p) for p in staged_paths) if f.num_rows > 0]
         final = (footers.get(final_path) or read_footer(final_path)) if final_path.is_file() else None
@@ -76,7 +71,7 @@ def append_plan(final_path: Path, staged_paths: list[Path],
     spans = []
     counts: dict[int, int] = {}
     for f in staged:
-        span = _recorded_span(f) or _read_span(f)
+        span = _read_span(f)
         if span is None:
             return None
         first, last, file_counts = span
@@ -151,23 +146,6 @@ def _same_bytes(a: Path, at_a: int, b: Path, at_b: int, length: int, block: int 
                 return False
             length -= n
     return True
-
-
-def _recorded_span(footer: Footer) -> tuple[tuple[int, int], tuple[int, int], dict[int, int]] | None:
-    """First key, last key and bucket counts of a staged file as its chunk recorded them, when the file is
-    still the one the chunk wrote (its record was adopted: same size and footer) and the record adds up."""
-    summary = footer.record
-    if summary is None:
-        return None
-    try:
-        first, last = tuple(int(k) for k in summary["first_key"]), tuple(int(k) for k in summary["last_key"])
-        counts = {int(b): int(n) for b, n in summary["buckets"].items()}
-    except (KeyError, TypeError, ValueError):
-        return None
-    if len(first) != 2 or len(last) != 2 or first > last or sum(counts.values()) != footer.num_rows \
-            or min(counts, default=0) < 0:
-        return None
-    return first, last, counts
 
 
 def _read_span(footer: Footer) -> tuple[tuple[int, int], tuple[int, int], dict[int, int]] | None:

@@ -26,8 +26,8 @@ log = logging.getLogger("qk_sniffer")
 
 @dataclass
 class MergeInputs:
-    """One merge's inputs: the split it writes, the complete chunks, their files per config and what the
-    chunks recorded of them; ``schemas`` and ``footers`` are filled in by :func:`check_config`."""
+    """One merge's inputs: the split it writes, the complete chunks and their files per config; ``schemas`` and
+    ``footers`` are filled in by :func:`check_config`."""
 
     final: Path
     split: str
@@ -37,7 +37,6 @@ class MergeInputs:
     chunks: list[tuple[Path, dict]]  # complete chunks: (dir, manifest)
     incomplete: list[str]  # names of chunk dirs without a manifest
     staged: dict[str, list[Path]]  # config name -> its staged files, in chunk order
-    summaries: dict[Path, dict | None]  # what each chunk recorded of its files (first/last key, bucket counts)
     schemas: dict[str, pa.Schema] = field(default_factory=dict)  # config name -> its Arrow schema
     footers: dict[Path, Footer] = field(default_factory=dict)  # footers read by the check, used again to append
 
@@ -60,8 +59,7 @@ def read_inputs(cfg: dict, root: Path | None = None) -> MergeInputs:
     chunks, incomplete = _complete_chunks(root)
     _refuse_stale_chunks(chunks, cfg, fingerprint, split)
     mixed = _check_sampling(cfg, final, split, current_sampling, chunks)
-    staged, summaries = _staged_files(chunks)
-    return MergeInputs(final, split, fingerprint, current_sampling, mixed, chunks, incomplete, staged, summaries)
+    return MergeInputs(final, split, fingerprint, current_sampling, mixed, chunks, incomplete, _staged_files(chunks))
 
 
 def _complete_chunks(root: Path) -> tuple[list[tuple[Path, dict]], list[str]]:
@@ -136,20 +134,16 @@ def _sampling_diff(recorded: dict, current: dict) -> dict:
     return out
 
 
-def _staged_files(chunks: list[tuple[Path, dict]]) -> tuple[dict[str, list[Path]], dict[Path, dict | None]]:
-    """Staged files per config (chunk order) and what each chunk recorded of each of its files; refuses a file
-    a manifest lists that is missing."""
+def _staged_files(chunks: list[tuple[Path, dict]]) -> dict[str, list[Path]]:
+    """Staged files per config (chunk order); refuses a file a manifest lists that is missing."""
     staged: dict[str, list[Path]] = {}
-    summaries: dict[Path, dict | None] = {}
     for d, m in chunks:
-        recorded = m.get("summaries") if isinstance(m.get("summaries"), dict) else {}
         for cfg_name, rel in sorted((m.get("files") or {}).items()):
             p = d / rel
             if not p.is_file():
                 raise MergeError(f"{d}/manifest.json lists {rel} but {p} is missing; delete {d} and rerun that chunk")
             staged.setdefault(cfg_name, []).append(p)
-            summaries[p] = recorded.get(cfg_name)
-    return staged, summaries
+    return staged
 
 
 def check_config(inputs: MergeInputs, cfg_name: str) -> tuple[pa.Schema, dict[Path, Footer]]:
@@ -166,10 +160,7 @@ def check_config(inputs: MergeInputs, cfg_name: str) -> tuple[pa.Schema, dict[Pa
             raise corrupt_final(fpath, exc) from exc
     for p in inputs.staged[cfg_name]:
         try:
-            # a file its chunk's record still describes needs no parsing: that record has its rows and layout
-            f = found[p] = read_footer(p, parse=False)
-            if not f.adopt(inputs.summaries.get(p)):
-                f.md  # noqa: B018 - parsed now, so a damaged footer is reported here
+            f = found[p] = read_footer(p)
             if ref is not None and f.same_layout(ref):
                 continue  # the same Parquet schema and metadata: the same Arrow schema
             s = f.md.schema.to_arrow_schema()

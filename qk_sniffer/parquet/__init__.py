@@ -11,20 +11,16 @@ pyarrow has no API to copy row groups between files, so the footer (Thrift compa
 parquet-format's ``FileMetaData``) is walked and written back by a small hand-written codec
 (:mod:`.thrift`); only absolute file offsets, row counts and row group ordinals are rewritten
 (:mod:`.relocation`), every other byte is carried over as it was read. Encrypted files are refused.
-A file's footer is read by :func:`read_footer` (:mod:`.footer`). Where a file's offsets lie in its
-footer can be recorded when it is written (:func:`offset_map`, kept in its chunk's manifest by way of
-:func:`summarize`, :mod:`.summary`); moving its row groups then patches those few values instead of
-walking the footer.
+A file's footer is read by :func:`read_footer` (:mod:`.footer`).
 
 The modules, each depending only on those listed before it: :mod:`.settings`, :mod:`.thrift`,
-:mod:`.footer`, :mod:`.relocation`, :mod:`.concat`, :mod:`.summary`.
+:mod:`.footer`, :mod:`.relocation`, :mod:`.concat`.
 """
 
 from .concat import concat_files
-from .footer import FMD_ROW_GROUPS, MAGIC, Footer, matches_summary, read_footer
-from .relocation import _moved_row_groups, _patched_row_groups, _replace, offset_map
+from .footer import FMD_ROW_GROUPS, MAGIC, Footer, read_footer
+from .relocation import _moved_row_groups, _replace
 from .settings import KEYS, ROW_GROUP_BYTES, byte_stream_split_columns, row_group_rows, write_parquet_atomic
-from .summary import summarize
 from .thrift import STRUCT, FooterError, _write_list_head, copy_struct
 
 __all__ = [
@@ -36,16 +32,12 @@ __all__ = [
     "Footer",
     "FooterError",
     "_moved_row_groups",
-    "_patched_row_groups",
     "_replace",
     "_write_list_head",
     "byte_stream_split_columns",
     "concat_files",
     "copy_struct",
-    "matches_summary",
-    "offset_map",
     "read_footer",
     "row_group_rows",
-    "summarize",
     "write_parquet_atomic",
 ]

@@ -1,9 +1,5 @@
-"""A Parquet file's footer as the merge uses it: read from the file's end, parsed by pyarrow when needed.
-
-A footer whose file is still the one a chunk recorded when it wrote it (:func:`matches_summary`)
-can take that record as its own (:meth:`Footer.adopt`): its row count, layout and offset map then
-come from the record and the footer need not be parsed at all. Also the parquet-format field ids
-(``parquet.thrift``) that moving row groups edits.
+"""A Parquet file's footer as the merge uses it: read from the file's end, parsed by pyarrow when needed;
+and the parquet-format field ids (``parquet.thrift``) that moving row groups edits.
 """
 
 from __future__ import annotations
@@ -33,9 +29,6 @@ class Footer:
     path: Path
     raw: bytes                # the encoded FileMetaData (walked only when row groups are carried over)
     body_end: int             # where the footer starts: bytes [4, body_end) are the row groups (and page indexes)
-    # the chunk's record of this very file (:func:`summarize`), once :meth:`adopt` found the file unchanged: its
-    # row count, layout and offset map are then taken from it, and the footer need not be parsed at all
-    record: dict | None = None
 
     @cached_property
     def md(self) -> pq.FileMetaData:
@@ -47,13 +40,7 @@ class Footer:
 
     @property
     def num_rows(self) -> int:
-        return self.record["rows"] if self.record is not None else self.md.num_rows
-
-    @property
-    def offsets(self) -> dict | None:
-        """Where its row groups and their absolute offsets lie in ``raw`` (:func:`offset_map`), as recorded:
-        moving the row groups then patches those bytes instead of walking the footer."""
-        return self.record.get("row_group_offsets") if self.record is not None else None
+        return self.md.num_rows
 
     @property
     def size(self) -> int:
@@ -72,30 +59,12 @@ class Footer:
                         for c in (schema.column(i) for i in range(len(schema))))
         return columns, tuple(sorted((self.md.metadata or {}).items()))
 
-    @cached_property
-    def layout(self) -> str:
-        """A digest of :attr:`layout_key` (the record's, for an adopted file: same bytes, same layout). Two files
-        with equal digests share their layout; unequal digests are compared by :attr:`layout_key` (a digest
-        written by another pyarrow version may differ for the same layout)."""
-        if self.record is not None and isinstance(self.record.get("layout"), str):
-            return self.record["layout"]
-        return hashlib.sha256(repr(self.layout_key).encode()).hexdigest()
-
     def same_layout(self, other: Footer) -> bool:
-        return self.layout == other.layout or self.layout_key == other.layout_key
-
-    def adopt(self, summary) -> bool:
-        """Take ``summary`` (the record :func:`summarize` made when the file was written) as this file's, if the
-        file is still that very file: the same size and footer bytes (SHA-256). Returns whether it did."""
-        if not matches_summary(self, summary) or not isinstance(summary.get("rows"), int):
-            return False
-        self.record = summary
-        return True
+        return self.layout_key == other.layout_key
 
 
-def read_footer(path: Path, parse: bool = True) -> Footer:
-    """``path``'s footer; a footer pyarrow cannot parse raises :class:`FooterError` here, or with ``parse=False``
-    wherever it is first needed (a file whose record is adopted needs none)."""
+def read_footer(path: Path) -> Footer:
+    """``path``'s footer, parsed: a footer pyarrow cannot parse raises :class:`FooterError` here."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as fh:
@@ -113,13 +82,5 @@ def read_footer(path: Path, parse: bool = True) -> Footer:
         fh.seek(body_end)
         raw = fh.read(length)
     footer = Footer(path, raw, body_end)
-    if parse:
-        footer.md  # noqa: B018 - parsed now, so a damaged footer is reported here
+    footer.md  # noqa: B018 - parsed now, so a damaged footer is reported here
     return footer
-
-
-def matches_summary(footer: Footer, summary) -> bool:
-    """Whether ``footer``'s file is the very file ``summary`` (from :func:`summarize`) was made of: the same size
-    and footer bytes. (That the record's contents are right for those bytes is what ``verify`` checks.)"""
-    return (isinstance(summary, dict) and summary.get("bytes") == footer.size
-            and summary.get("footer_sha256") == footer.digest)

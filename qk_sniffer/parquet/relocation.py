@@ -1,10 +1,8 @@
 """Moving a file's row groups to another place in a file: every absolute file offset in their footer
 entries shifted, ordinals renumbered.
 
-Row groups are moved either by walking every field of their footer entries (:func:`_moved_row_groups`)
-or, when where the offsets lie was recorded as the file was written (:func:`offset_map`, kept in its
-chunk's manifest), by patching just those few values (:func:`_patched_row_groups`). Encrypted files are
-refused.
+Row groups are moved by walking every field of their footer entries (:func:`_moved_row_groups`);
+encrypted files are refused.
 """
 
 from __future__ import annotations
@@ -66,69 +64,9 @@ def _row_group_edits(footer: Footer, offset: Callable, ordinal: Callable) -> dic
     return {RG_COLUMNS: column, RG_FILE_OFFSET: offset, RG_ORDINAL: ordinal}
 
 
-def offset_map(footer: Footer) -> dict | None:
-    """Where ``footer``'s row groups lie in its bytes and which of those bytes are absolute file offsets:
-    ``{"row_groups": [start, end, count], "offsets": [start, end, start, end, ...]}``, positions in
-    ``footer.raw``. With it, the row groups are moved by patching those few values (:func:`_patched_row_groups`)
-    instead of walking every field of every column chunk. None for row groups with ordinals (pyarrow writes
-    none) or encryption: those are moved by walking."""
-    spans: list[int] = []
-    found: list[int] = []
-
-    def note(buf, pos, ttype):
-        raw, end = _uvarint(buf, pos)
-        if (raw >> 1) ^ -(raw & 1) >= 4:  # the offsets _shift moves
-            spans.extend((pos, end))
-        return buf[pos:end], end
-
-    def row_groups(buf, pos, ttype):
-        size, _, start = _list_head(buf, pos)
-        end = start
-        edits = _row_group_edits(footer, note, _refuse("row group ordinals"))
-        for _ in range(size):
-            end = _copy_struct(buf, end, edits, bytearray())
-        found.extend((start, end, size))
-        return buf[pos:end], end
-
-    try:
-        _walk(footer, {FMD_ROW_GROUPS: row_groups})
-    except FooterError:
-        return None
-    return {"row_groups": found, "offsets": spans}
-
-
-def _patched_row_groups(footer: Footer, delta: int) -> tuple[bytes, int] | None:
-    """``footer``'s row groups with every absolute offset moved by ``delta``, patched where ``footer.offsets``
-    says, and their number; None when that map does not fit the footer (the caller walks it instead)."""
-    try:
-        (start, end, count), spans = footer.offsets["row_groups"], footer.offsets["offsets"]
-        raw, pos, out = footer.raw, start, bytearray()
-        if not 0 < start <= end <= len(raw) or len(spans) % 2:
-            return None
-        if "md" in footer.__dict__ and count != footer.md.num_row_groups:  # checked where the footer was parsed
-            return None
-        for s, e in zip(spans[::2], spans[1::2]):
-            value, stop = _uvarint(raw, s)
-            offset = (value >> 1) ^ -(value & 1)
-            if not (pos <= s and stop == e <= end and 4 <= offset < footer.body_end):
-                return None
-            out += raw[pos:s]
-            out += _zigzag(offset + delta)
-            pos = e
-        out += raw[pos:end]
-    except (KeyError, TypeError, ValueError, IndexError):  # FooterError is a ValueError
-        return None
-    return bytes(out), count
-
-
 def _moved_row_groups(footer: Footer, delta: int, first_ordinal: int, out: bytearray) -> int:
     """Append ``footer``'s row groups to ``out`` with every absolute offset moved by ``delta`` and ordinals
     from ``first_ordinal`` on; returns how many there were."""
-    if footer.offsets is not None:
-        patched = _patched_row_groups(footer, delta)  # a footer with an offset map has no ordinals
-        if patched is not None:
-            out += patched[0]
-            return patched[1]
     shift = _shift(footer, delta)
     count = 0
 

@@ -1,6 +1,5 @@
 """The staging check: ``staging/chunk-*/manifest.json`` parses, and every staged file it lists has exactly the
-row count it records (from the Parquet footer) and is the file the chunk wrote (size and footer digest, as
-recorded for the merge). A chunk without a manifest is unfinished, not corrupt: it is a warning. With a
+row count it records (from the Parquet footer). A chunk without a manifest is unfinished, not corrupt: it is a warning. With a
 config, a chunk another config produced is a warning too (merge with this config refuses it).
 """
 
@@ -11,7 +10,7 @@ import re
 from ..chunk_plan import manifest_fingerprint_matches
 from ..config import chunk_fingerprint
 from ..layout import staging_dir
-from ..parquet import matches_summary, offset_map, read_footer
+from ..parquet import read_footer
 from .context import VerifyContext, read_json
 
 CHUNK_DIR_RE = re.compile(r"chunk-(\d+)")
@@ -40,7 +39,6 @@ def check_staged_chunks(ctx: VerifyContext) -> None:
             continue
         ctx.report.checked["chunks"] += 1
         rows, files = manifest.get("rows"), manifest.get("files")
-        summaries = manifest.get("summaries") if isinstance(manifest.get("summaries"), dict) else {}
         if not isinstance(rows, dict) or not isinstance(files, dict):
             ctx.problem(mf, f"has no rows/files mappings; delete {ctx.rel(d)} and rerun that chunk")
             continue
@@ -68,8 +66,7 @@ def check_staged_chunks(ctx: VerifyContext) -> None:
                 continue
             ctx.report.checked["staged_files"] += 1
             try:
-                footer = read_footer(p)
-                got = footer.num_rows
+                got = read_footer(p).num_rows
             except Exception as exc:  # noqa: BLE001
                 ctx.problem(p, f"is not readable Parquet ({type(exc).__name__}: {exc}); delete {ctx.rel(d)} "
                                "and rerun that chunk")
@@ -77,17 +74,3 @@ def check_staged_chunks(ctx: VerifyContext) -> None:
             if got != count:
                 ctx.problem(p, f"holds {got:,} rows but {ctx.rel(mf)} records {count:,}; delete "
                                f"{ctx.rel(d)} and rerun that chunk")
-            summary = summaries.get(name)
-            if summary is not None and not matches_summary(footer, summary):
-                ctx.problem(p, f"is not the file its chunk wrote (its size or footer differ from the record in "
-                               f"{ctx.rel(mf)}; merge would read it instead of trusting the record); delete "
-                               f"{ctx.rel(d)} and rerun that chunk")
-            elif isinstance(summary, dict):  # the record a merge trusts instead of reading the file
-                wrong = [what for what, right in (
-                    ("row count", summary.get("rows") == got),
-                    ("row groups' offsets", summary.get("row_group_offsets") in (None, offset_map(footer))),
-                ) if not right]
-                if wrong:
-                    ctx.problem(p, f"{ctx.rel(mf)} records its {' and '.join(wrong)} wrongly (a merge trusting "
-                                   f"that record would write a wrong file); delete {ctx.rel(d)} and rerun "
-                                   "that chunk")
