@@ -21,6 +21,7 @@ from .chunk_plan import ChunkSpec, plan_chunk
 from .config import ConfigError, chunk_fingerprint, data_root, fingerprint_inputs, sampling_settings, split_name
 from .layout import atomic_write_json, chunk_dir, config_name, manifest_path
 from .modeling import DTYPES, backbone_of, load_model, load_tokenizer, pick_device, resolve_capture
+from .records import ChunkManifest
 from .source import length_sorted_batches, load_shard, tokenize_shard
 from .writer import ChunkWriter
 
@@ -261,23 +262,23 @@ def run_chunk(cfg: dict, chunk: int, plan: ChunkSpec | None = None, root: Path |
         log.warning("chunk %d is empty (the split has %s rows); recorded with no rows", chunk, shard.total)
     names = {config_name(layer, h, k, n_layers, n_q) for layer in spec.layers for k in spec.kinds
              for h in spec.heads_for(k, layer)}
-    manifest = {
-        "chunk": chunk,
-        "split": split,
-        "example_range": [shard.start, shard.stop],
-        "chunk_size": plan.chunk_size,
-        "examples": len(tok.ids),
-        "skipped_empty": tok.skipped_empty,
-        "skipped_invalid": tok.skipped_invalid,
-        "tokens": tokens,
-        "computed_tokens": progress.totals()["computed_tokens"],
-        "rows": {name: int(rows.get(name, 0)) for name in sorted(names)},
-        "files": {name: f"data/{split}/{name}/data.parquet" for name in sorted(rows) if rows[name] > 0},
-        "config_fingerprint": chunk_fingerprint(cfg),
+    manifest = ChunkManifest(
+        chunk=chunk,
+        split=split,
+        example_range=[shard.start, shard.stop],
+        chunk_size=plan.chunk_size,
+        examples=len(tok.ids),
+        skipped_empty=tok.skipped_empty,
+        skipped_invalid=tok.skipped_invalid,
+        tokens=tokens,
+        computed_tokens=progress.totals()["computed_tokens"],
+        rows={name: int(rows.get(name, 0)) for name in sorted(names)},
+        files={name: f"data/{split}/{name}/data.parquet" for name in sorted(rows) if rows[name] > 0},
+        config_fingerprint=chunk_fingerprint(cfg),
         # what the fingerprint hashes, so a later run can say which setting changed
-        "fingerprint_inputs": json.loads(json.dumps(fingerprint_inputs(cfg), default=str)),
-        "sampling": sampling_settings(cfg),
-        "model": {
+        fingerprint_inputs=json.loads(json.dumps(fingerprint_inputs(cfg), default=str)),
+        sampling=sampling_settings(cfg),
+        model={
             "name": cfg["model"]["name"],
             "revision": cfg["model"].get("revision") or getattr(model.config, "_commit_hash", None),
             "dtype": cfg["model"]["dtype"],
@@ -296,21 +297,22 @@ def run_chunk(cfg: dict, chunk: int, plan: ChunkSpec | None = None, root: Path |
             # capture.head_sampling: seed, requested and selected counts, and the heads (None: every selected head)
             "head_sampling": spec.head_sampling,
         },
-        "dataset": {k: cfg["dataset"][k] for k in ("path", "name", "split", "text_column", "id_column", "max_samples")},
-        "device": str(capturer.input_device),
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-        "versions": _versions(),
-        "timings": {
+        dataset={k: cfg["dataset"][k] for k in ("path", "name", "split", "text_column", "id_column", "max_samples")},
+        device=str(capturer.input_device),
+        slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+        versions=_versions(),
+        timings={
             "load_s": round(t_loaded - t0, 3),
             "forward_s": round(forward_s, 3),
             "assemble_s": round(t_done - t_forward, 3),  # sorting and writing the chunk's files
             "total_s": round(t_done - t0, 3),
             "tokens_per_s": round(done / forward_s, 1) if forward_s > 0 else None,
         },
-        "segments": len(progress.segments),
-        "resumed": progress.resumed,
-    }
-    atomic_write_json(manifest_path(root, chunk), manifest)
+        segments=len(progress.segments),
+        resumed=progress.resumed,
+    )
+    written = manifest.to_json()
+    atomic_write_json(manifest_path(root, chunk), written)
     progress.cleanup()
-    return manifest
+    return written
 

@@ -12,7 +12,6 @@ Two places record what a split was captured with: the card's front matter (``qk_
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import polars as pl
 
 from .errors import QkSnifferError
 from .layout import parse_config_name, staging_dir
+from .records import ChunkManifest, MergeRecord, RecordError, read_manifest, read_merge_record
 
 MERGED_NAME = ".merged.json"  # final/.merged.json: what the latest merge did, for one split
 CARD_NAME = "README.md"  # final/README.md: the dataset card, its front matter records every split
@@ -33,9 +33,9 @@ class StoreError(QkSnifferError, ValueError):
 # -- staged chunks ------------------------------------------------------------------------------
 
 
-def scan_chunks(root: Path) -> tuple[list[tuple[Path, dict]], list[str]]:
+def scan_chunks(root: Path) -> tuple[list[tuple[Path, ChunkManifest]], list[str]]:
     """Complete chunks as ``(dir, manifest)`` sorted by index, and the names of incomplete ones."""
-    complete: list[tuple[int, Path, dict]] = []
+    complete: list[tuple[int, Path, ChunkManifest]] = []
     incomplete: list[str] = []
     base = staging_dir(root)
     if not base.is_dir():
@@ -49,12 +49,9 @@ def scan_chunks(root: Path) -> tuple[list[tuple[Path, dict]], list[str]]:
             incomplete.append(d.name)
             continue
         try:
-            manifest = json.loads(mf.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise StoreError(
-                f"{mf} is not readable JSON ({exc}); delete {d} and rerun that chunk "
-                f"(snakemake {mf})"
-            ) from exc
+            manifest = read_manifest(mf)
+        except RecordError as exc:
+            raise StoreError(f"{exc}; delete {d} and rerun that chunk (snakemake {mf})") from exc
         complete.append((int(m.group(1)), d, manifest))
     complete.sort(key=lambda t: t[0])
     incomplete.sort(key=lambda n: int(CHUNK_DIR_RE.match(n).group(1)))
@@ -89,16 +86,16 @@ def bucket_counts(df: pl.DataFrame | None, path: Path) -> tuple[int, dict[int, i
 # -- what each split was captured with ------------------------------------------------------------
 
 
-def merged_record(final: Path, split: str) -> dict | None:
+def merged_record(final: Path, split: str) -> MergeRecord | None:
     """``final/.merged.json`` when it records ``split`` (None when it is missing, unreadable or of another split)."""
     p = final / MERGED_NAME
     if not p.is_file():
         return None
     try:
-        merged = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        merged = read_merge_record(p)
+    except RecordError:
         return None
-    return merged if merged.get("split") == split else None
+    return merged if merged.split == split else None
 
 
 def card_split_record(front_matter: dict, split: str) -> dict:
@@ -117,6 +114,6 @@ def recorded_sampling(final: Path, split: str, card: dict | None) -> tuple[dict 
             return rec, str(final / CARD_NAME)
         return None, None
     merged = merged_record(final, split)
-    if merged is not None and merged.get("sampling"):
-        return merged["sampling"], str(final / MERGED_NAME)
+    if merged is not None and merged.sampling:
+        return merged.sampling, str(final / MERGED_NAME)
     return None, None

@@ -18,6 +18,7 @@ from ..config import chunk_fingerprint, data_root, sampling_settings, split_name
 from ..front_matter import ReadmeError, read_front_matter
 from ..layout import data_file, final_dir, remove_stale_temps
 from ..parquet import Footer, read_footer
+from ..records import ChunkManifest
 from ..store import CARD_NAME, StoreError, recorded_sampling, scan_chunks
 from .errors import MergeError, corrupt_final, corrupt_staged
 
@@ -34,7 +35,7 @@ class MergeInputs:
     fingerprint: str
     sampling: dict  # this run's sampling settings
     mixed: dict | None  # the recorded sampling appended to, when it differs and mixing is allowed
-    chunks: list[tuple[Path, dict]]  # complete chunks: (dir, manifest)
+    chunks: list[tuple[Path, ChunkManifest]]  # complete chunks: (dir, manifest)
     incomplete: list[str]  # names of chunk dirs without a manifest
     staged: dict[str, list[Path]]  # config name -> its staged files, in chunk order
     schemas: dict[str, pa.Schema] = field(default_factory=dict)  # config name -> its Arrow schema
@@ -62,7 +63,7 @@ def read_inputs(cfg: dict, root: Path | None = None) -> MergeInputs:
     return MergeInputs(final, split, fingerprint, current_sampling, mixed, chunks, incomplete, _staged_files(chunks))
 
 
-def _complete_chunks(root: Path) -> tuple[list[tuple[Path, dict]], list[str]]:
+def _complete_chunks(root: Path) -> tuple[list[tuple[Path, ChunkManifest]], list[str]]:
     """The complete chunks and the names of incomplete ones (each warned about: it is left out)."""
     try:
         chunks, incomplete = scan_chunks(root)
@@ -73,7 +74,7 @@ def _complete_chunks(root: Path) -> tuple[list[tuple[Path, dict]], list[str]]:
     return chunks, incomplete
 
 
-def _refuse_stale_chunks(chunks: list[tuple[Path, dict]], cfg: dict, fingerprint: str, split: str) -> None:
+def _refuse_stale_chunks(chunks: list[tuple[Path, ChunkManifest]], cfg: dict, fingerprint: str, split: str) -> None:
     """Refuse chunks another config produced (their manifests' fingerprint differs), naming what changed."""
     stale = [(d, m) for d, m in chunks if not manifest_fingerprint_matches(m, cfg)]
     if stale:
@@ -99,7 +100,7 @@ def _card_front_matter(final: Path) -> dict | None:
 
 
 def _check_sampling(cfg: dict, final: Path, split: str, current_sampling: dict,
-                    chunks: list[tuple[Path, dict]]) -> dict | None:
+                    chunks: list[tuple[Path, ChunkManifest]]) -> dict | None:
     """The sampling settings recorded for the split must match this run's unless mixing is allowed (only
     checked when there are chunks to merge; an unreadable card is refused either way). Returns what
     ``.merged.json`` records as ``mixed_sampling`` (None when nothing is mixed)."""
@@ -134,11 +135,11 @@ def _sampling_diff(recorded: dict, current: dict) -> dict:
     return out
 
 
-def _staged_files(chunks: list[tuple[Path, dict]]) -> dict[str, list[Path]]:
+def _staged_files(chunks: list[tuple[Path, ChunkManifest]]) -> dict[str, list[Path]]:
     """Staged files per config (chunk order); refuses a file a manifest lists that is missing."""
     staged: dict[str, list[Path]] = {}
     for d, m in chunks:
-        for cfg_name, rel in sorted((m.get("files") or {}).items()):
+        for cfg_name, rel in sorted(m.files.items()):
             p = d / rel
             if not p.is_file():
                 raise MergeError(f"{d}/manifest.json lists {rel} but {p} is missing; delete {d} and rerun that chunk")

@@ -9,6 +9,7 @@ import logging
 import time
 
 from ..layout import parse_config_name
+from ..records import ChunkManifest, MergeRecord
 from ..store import bucket_counts, final_configs
 from .inputs import MergeInputs
 from .rounding import ROUNDING_RTOL
@@ -20,7 +21,7 @@ def _now() -> str:
     return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def merge_record(inputs: MergeInputs, done: dict[str, tuple[str, dict, int, dict]], t0: float) -> dict:
+def merge_record(inputs: MergeInputs, done: dict[str, tuple[str, dict, int, dict]], t0: float) -> MergeRecord:
     """The content of ``final/.merged.json``: ``done`` holds what each config's append or rewrite returned
     (``(config, stats, rows in the file, rows per bucket)``); configs it does not name are counted from their
     files. Warns about conflicts; ``t0`` is when the merge began (``time.perf_counter``)."""
@@ -52,7 +53,7 @@ def merge_record(inputs: MergeInputs, done: dict[str, tuple[str, dict, int, dict
             _add_bucket_counts(bucket_rows, cfg_name, counts)
 
     merge_s = time.perf_counter() - t0
-    result = {
+    result = MergeRecord(**{
         "split": split,
         "merged_at": _now(),
         "config_fingerprint": inputs.fingerprint,
@@ -74,21 +75,19 @@ def merge_record(inputs: MergeInputs, done: dict[str, tuple[str, dict, int, dict
                                                 default=0.0),
         "rounding_tolerance": dict(ROUNDING_RTOL),
         "chunks": [
-            {
-                "chunk": m["chunk"], "example_range": m.get("example_range"), "examples": m.get("examples"),
-                "tokens": m.get("tokens"), "rows": int(sum((m.get("rows") or {}).values())),
-            }
+            {"chunk": m.chunk, "example_range": m.example_range, "examples": m.examples, "tokens": m.tokens,
+             "rows": m.total_rows}
             for _, m in chunks
         ],
         "incomplete_chunks": incomplete,
         "run": _run_summary([m for _, m in chunks]),
         "buckets": {kind: {str(b): n for b, n in sorted(v.items())} for kind, v in sorted(bucket_rows.items()) if v},
         "merge_s": round(merge_s, 3),
-    }
+    })
     if rounding:
         log.info("split %r: %d staged rows in %d configs differ from the rows kept by float rounding only (at most "
                  "%.2g relative; .merged.json: rounding_differences): not conflicts, the kept rows stay", split,
-                 result["rounding_differences_total"], len(rounding), result["rounding_max_relative_difference"])
+                 result.rounding_differences_total, len(rounding), result.rounding_max_relative_difference)
     return result
 
 
@@ -100,29 +99,32 @@ def _add_bucket_counts(bucket_rows: dict[str, dict[int, int]], cfg_name: str, co
         per[b] = per.get(b, 0) + c
 
 
-def _run_summary(manifests: list[dict]) -> dict | None:
+def _run_summary(manifests: list[ChunkManifest]) -> dict | None:
     """Model, dataset, sampling, devices and summed timings of the chunks merged (None when there are none)."""
     if not manifests:
         return None
     first = manifests[0]
-    t = [m.get("timings") or {} for m in manifests]
-    forward = sum(x.get("forward_s") or 0 for x in t)
-    tokens = sum(m.get("tokens") or 0 for m in manifests)
+
+    def timing(key: str) -> float:  # a timing a chunk did not record (null) counts as 0
+        return sum(m.timings.get(key) or 0 for m in manifests)
+
+    forward = timing("forward_s")
+    tokens = sum(m.tokens for m in manifests)
     return {
-        "model": first.get("model"),
-        "dataset": first.get("dataset"),
-        "sampling": first.get("sampling"),
-        "chunk_size": first.get("chunk_size"),
-        "devices": sorted({str(m.get("device")) for m in manifests}),
-        "versions": first.get("versions"),
+        "model": first.model,
+        "dataset": first.dataset,
+        "sampling": first.sampling,
+        "chunk_size": first.chunk_size,
+        "devices": sorted({str(m.device) for m in manifests}),
+        "versions": first.versions,
         "timings": {
             "chunks": len(manifests),
-            "examples": sum(m.get("examples") or 0 for m in manifests),
+            "examples": sum(m.examples for m in manifests),
             "tokens": tokens,
-            "computed_tokens": sum(m.get("computed_tokens") or 0 for m in manifests),
-            "load_s": round(sum(x.get("load_s") or 0 for x in t), 3),
+            "computed_tokens": sum(m.computed_tokens for m in manifests),
+            "load_s": round(timing("load_s"), 3),
             "forward_s": round(forward, 3),
-            "total_s": round(sum(x.get("total_s") or 0 for x in t), 3),
+            "total_s": round(timing("total_s"), 3),
             "tokens_per_s": round(tokens / forward, 1) if forward > 0 else None,
         },
     }

@@ -22,7 +22,8 @@ log = logging.getLogger("qk_sniffer")
 
 
 def merge_staging(cfg: dict, root: Path | None = None, *, append: bool = True) -> dict:
-    """Merge every complete staged chunk into ``final/``; write and return ``final/.merged.json``.
+    """Merge every complete staged chunk into ``final/``; write ``final/.merged.json`` and return what it holds
+    (:class:`qk_sniffer.records.MergeRecord` as JSON).
 
     ``append=False`` rewrites every grown file even where appending would do (benchmarks and tests
     compare the two ways with it).
@@ -33,8 +34,8 @@ def merge_staging(cfg: dict, root: Path | None = None, *, append: bool = True) -
     # every file goes to a temporary name first: nothing is renamed into place before all are written
     outputs = MergeOutputs()
     try:
-        result = merge_record(inputs, write_configs(inputs, outputs, append=append), t0)
-        atomic_write_json(outputs.temp_for(inputs.final / MERGED_NAME), result)
+        record = merge_record(inputs, write_configs(inputs, outputs, append=append), t0)
+        atomic_write_json(outputs.temp_for(inputs.final / MERGED_NAME), record.to_json())
     except BaseException as exc:
         outputs.rollback()
         code = disk_full_errno(exc)
@@ -44,8 +45,8 @@ def merge_staging(cfg: dict, root: Path | None = None, *, append: bool = True) -
         raise DiskFullError(outputs.place_of(where), code, _full_hint(inputs)) from exc
     outputs.commit(inputs.final / MERGED_NAME)
     log.info("merged %d chunks into split %r: %d rows added to %d configs in %.1fs", len(inputs.chunks), inputs.split,
-             result["rows_added_total"], len(result["configs_touched"]), result["merge_s"])
-    return result
+             record.rows_added_total, len(record.configs_touched), record.merge_s)
+    return record.to_json()
 
 
 def _pool_map(fn: Callable, names: list[str], workers: int) -> dict:
