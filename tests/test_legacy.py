@@ -200,7 +200,7 @@ def test_branch_layout_and_appending_captures_needs_allow_mixed_sampling(tmp_pat
 
 
 def test_a_killed_migration_is_completed_by_running_it_again(tmp_path, monkeypatch):
-    import qk_sniffer.migrate as mig
+    import qk_sniffer.migrate.install as mig
 
     src = tmp_path / "original"
     write_original(src, "readme")
