@@ -33,6 +33,7 @@ from pathlib import Path
 
 from .config import ConfigError, chunk_fingerprint, fingerprint_inputs, legacy_chunk_fingerprint
 from .layout import manifest_path, staging_dir, write_text_if_changed
+from .records import ChunkManifest, RecordError, read_manifest
 
 PLANS_DIR = Path(".qk-sniffer") / "chunks"
 PLAN_FORMAT = 1
@@ -108,6 +109,17 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+def _manifest(root: Path, chunk: int) -> tuple[ChunkManifest | None, str | None]:
+    """Chunk ``chunk``'s manifest (None when it has none), and why one that is there cannot be read."""
+    path = manifest_path(root, chunk)
+    if not path.is_file():
+        return None, None
+    try:
+        return read_manifest(path), None
+    except RecordError as exc:
+        return None, str(exc)
+
+
 def _chunk_indices(root: Path) -> set[int]:
     found = set()
     for base, prefix in ((staging_dir(root), "chunk-"), (Path(root) / PLANS_DIR, "chunk-")):
@@ -128,16 +140,19 @@ def recorded_layout(root: Path) -> tuple[list[tuple[int, int | None]], int | Non
     for k in sorted(_chunk_indices(root)):
         if k != len(ranges):
             break
-        man = _read_json(manifest_path(root, k))
+        man, _ = _manifest(root, k)
         started = started or (staging_dir(root) / f"chunk-{k}").is_dir()
-        rec = man if man is not None else _read_json(plan_path(root, k))
-        if rec is None:
-            break
-        start, stop = (rec.get("example_range") or [rec.get("start"), rec.get("stop")])[:2]
+        if man is not None and man.example_range is not None:
+            (start, stop), recorded_size = man.example_range, man.chunk_size
+        else:
+            plan = _read_json(plan_path(root, k))  # a chunk that has not finished: its plan file
+            if plan is None:
+                break
+            start, stop, recorded_size = plan.get("start"), plan.get("stop"), plan.get("chunk_size")
         if start != (ranges[-1][1] if ranges else 0) or not isinstance(start, int):
             break
         ranges.append((start, stop))
-        size = rec.get("chunk_size") or size
+        size = recorded_size or size
         if stop is None:
             break
     if not started:
@@ -193,15 +208,15 @@ def layout(total: int | None, num_chunks: int, chunk_size: int | None,
     return ranges, size, note
 
 
-def manifest_fingerprint_matches(manifest: dict, cfg: dict) -> bool:
+def manifest_fingerprint_matches(manifest: ChunkManifest, cfg: dict) -> bool:
     """Whether a chunk manifest was produced under ``cfg``'s fingerprint (also as manifests written before the
     fingerprint left out max_samples and num_chunks record it)."""
-    recorded = manifest.get("config_fingerprint")
-    if recorded == chunk_fingerprint(cfg):
+    if manifest.config_fingerprint == chunk_fingerprint(cfg):
         return True
-    if manifest.get("num_chunks") is None or not isinstance(manifest.get("dataset"), dict):
+    if manifest.num_chunks is None:
         return False
-    return recorded == legacy_chunk_fingerprint(cfg, manifest["dataset"].get("max_samples"), manifest["num_chunks"])
+    return manifest.config_fingerprint == legacy_chunk_fingerprint(cfg, manifest.dataset.get("max_samples"),
+                                                                   manifest.num_chunks)
 
 
 def _flat(d, prefix="") -> dict:
@@ -213,15 +228,15 @@ def _flat(d, prefix="") -> dict:
     return out
 
 
-def describe_config_change(manifest: dict, cfg: dict) -> str:
+def describe_config_change(manifest: ChunkManifest, cfg: dict) -> str:
     """What changed between the settings a manifest records and ``cfg`` (the settings that change rows)."""
-    before = manifest.get("fingerprint_inputs")
-    if not isinstance(before, dict):
-        return f"the config changed (fingerprint {manifest.get('config_fingerprint')} -> {chunk_fingerprint(cfg)})"
+    before = manifest.fingerprint_inputs
+    if before is None:
+        return f"the config changed (fingerprint {manifest.config_fingerprint} -> {chunk_fingerprint(cfg)})"
     a, b = _flat(before), _flat(json.loads(json.dumps(fingerprint_inputs(cfg), default=str)))
     changed = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     if not changed:
-        return f"the config changed (fingerprint {manifest.get('config_fingerprint')} -> {chunk_fingerprint(cfg)})"
+        return f"the config changed (fingerprint {manifest.config_fingerprint} -> {chunk_fingerprint(cfg)})"
     more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
     return "the config changed: " + "; ".join(changed[:3]) + more
 
@@ -236,15 +251,15 @@ def decide(cfg: dict, root: Path, total: int | None) -> MemberChunks:
     out = MemberChunks(root=root, chunk_size=size, notes=[note] if note else [])
     for k, (a, b) in enumerate(ranges):
         spec = ChunkSpec(chunk=k, start=a, stop=b, chunk_size=size, fingerprint=fingerprint)
-        man = _read_json(manifest_path(root, k))
+        man, unreadable = _manifest(root, k)
         if man is None:
             progress = (staging_dir(root) / f"chunk-{k}" / "progress.json").is_file()
             why = "it resumes from its last checkpoint" if progress else "it has not run yet"
-            out.decisions.append(Decision(spec, True, why))
+            out.decisions.append(Decision(spec, True, f"its manifest cannot be read ({unreadable})" if unreadable else why))
         elif not manifest_fingerprint_matches(man, cfg):
             out.decisions.append(Decision(spec, True, describe_config_change(man, cfg)))
-        elif not _same_range(man.get("example_range"), a, b):
-            was = man.get("example_range") or [None, None]
+        elif not _same_range(man.example_range, a, b):
+            was = man.example_range or [None, None]
             out.decisions.append(Decision(spec, True, f"its examples change from [{was[0]}, {was[1]}) to "
                                                       f"{_range(spec)}"))
         else:

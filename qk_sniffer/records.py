@@ -27,7 +27,11 @@ MERGE_RECORD_VERSION = 2
 
 
 class RecordError(QkSnifferError, ValueError):
-    """A manifest or merge record that cannot be read as one; the message names the file and what is wrong."""
+    """A manifest or merge record that cannot be read as one: ``where`` (the file) and ``what`` is wrong with it."""
+
+    def __init__(self, where: str | Path, what: str):
+        super().__init__(f"{where} {what}")
+        self.where, self.what = str(where), what
 
 
 _KINDS = {int: "an integer", str: "a string", float: "a number", dict: "a mapping", list: "a list", bool: "a boolean"}
@@ -41,25 +45,25 @@ def _check(value: Any, kind: type, name: str, where: str, optional: bool) -> Any
         return float(value)
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
-    raise RecordError(f"{where}: {name} is {type(value).__name__} {value!r}, not {_KINDS[kind]}")
+    raise RecordError(where, f"records {name} as {type(value).__name__} {value!r}, not {_KINDS[kind]}")
 
 
 def _read(cls, data: Any, where: str, version: int, types: dict[str, tuple[type, bool]]):
     """An instance of the record dataclass ``cls`` from the parsed JSON ``data``. ``types``: per field, its JSON
     kind and whether it may be null; a field missing from ``data`` takes its default (required when it has none)."""
     if not isinstance(data, dict):
-        raise RecordError(f"{where}: holds {type(data).__name__}, not a JSON object")
+        raise RecordError(where, f"holds a JSON {type(data).__name__}, not an object")
     got = _check(data.get("schema_version", 1), int, "schema_version", where, False)
     if got > version:
-        raise RecordError(f"{where}: schema_version {got} was written by a newer qk-sniffer (this one reads up to "
-                          f"{version}); upgrade qk-sniffer")
+        raise RecordError(where, f"was written by a newer qk-sniffer (schema_version {got}; this one reads up to "
+                                 f"{version}): upgrade qk-sniffer")
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         if f.name == "schema_version":
             continue
         if f.name not in data or (data[f.name] is None and not types[f.name][1]):
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise RecordError(f"{where}: has no {f.name}")
+                raise RecordError(where, f"has no {f.name}")
             continue
         kind, optional = types[f.name]
         values[f.name] = _check(data[f.name], kind, f.name, where, optional)
@@ -125,7 +129,7 @@ class ChunkManifest:
         _mapping_of(m.rows, int, "rows", where)
         _mapping_of(m.files, str, "files", where)
         if m.example_range is not None and len(m.example_range) != 2:
-            raise RecordError(f"{where}: example_range is {m.example_range!r}, not [start, stop]")
+            raise RecordError(where, f"records example_range as {m.example_range!r}, not [start, stop]")
         return m
 
     def to_json(self) -> dict:
@@ -139,7 +143,7 @@ def _load(path: Path) -> Any:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise RecordError(f"{path} is not readable JSON ({exc})") from exc
+        raise RecordError(path, f"is not readable JSON ({exc})") from exc
 
 
 def read_manifest(path: Path) -> ChunkManifest:

@@ -7,7 +7,6 @@ config files, the staged chunks; ``readme``: the dataset card's front matter) ha
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -15,7 +14,7 @@ import pyarrow.parquet as pq
 from ..errors import QkSnifferError
 from ..front_matter import read_front_matter
 from ..layout import final_dir, parse_config_name
-from ..store import MERGED_NAME, final_configs, scan_chunks
+from ..store import MERGED_NAME, final_configs, merged_record, scan_chunks
 
 KINDS = ("q", "k")  # the two kinds of config file: queries and keys
 
@@ -30,14 +29,6 @@ def damaged(path: Path, exc: BaseException) -> ReportError:
         f"{path} is not readable Parquet ({type(exc).__name__}: {exc}); delete it and pull the remote again "
         "(delete final/.snapshot.json and rerun pull_hub) or rerun the chunks that produced it, then merge again"
     )
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def split_metadata(root: Path, split: str) -> dict:
@@ -56,18 +47,18 @@ def split_metadata(root: Path, split: str) -> dict:
         if isinstance(rec, dict):
             meta.update(rec)
             meta["source"] = "README.md"
-    merged = _read_json(final / MERGED_NAME)
-    if merged and merged.get("split") == split:
-        run = merged.get("run") or {}
-        if merged.get("sampling"):
-            meta["sampling"] = merged["sampling"]
+    merged = merged_record(final, split)
+    if merged is not None:
+        run = merged.run or {}
+        if merged.sampling:
+            meta["sampling"] = merged.sampling
         for key in ("model", "dataset"):
             if run.get(key):
                 meta[key] = run[key]
         if (run.get("model") or {}).get("layer_windows") is not None:
             meta["layer_windows"] = run["model"]["layer_windows"]
-        if merged.get("mixed_sampling"):
-            meta["mixed_sampling"] = merged["mixed_sampling"]
+        if merged.mixed_sampling:
+            meta["mixed_sampling"] = merged.mixed_sampling
         meta["run"] = run
         meta["source"] = MERGED_NAME
     return meta
@@ -137,11 +128,10 @@ def chunk_timings(root: Path) -> list[dict]:
     chunks, _ = scan_chunks(root)
     out = []
     for _, m in chunks:
-        t = m.get("timings") or {}
+        t = m.timings
         out.append({
-            "chunk": m.get("chunk"), "split": m.get("split"), "examples": m.get("examples"),
-            "tokens": m.get("tokens"), "computed_tokens": m.get("computed_tokens"),
-            "rows": int(sum((m.get("rows") or {}).values())), "device": m.get("device"),
+            "chunk": m.chunk, "split": m.split, "examples": m.examples, "tokens": m.tokens,
+            "computed_tokens": m.computed_tokens, "rows": m.total_rows, "device": m.device,
             "tokens_per_s": t.get("tokens_per_s"), "load_s": t.get("load_s"), "forward_s": t.get("forward_s"),
             "total_s": t.get("total_s"),
         })

@@ -4,28 +4,18 @@ problems and warnings are added to (each named by its path relative to the data 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..front_matter import ReadmeError, read_front_matter
 from ..layout import final_dir
+from ..records import MergeRecord, RecordError, read_merge_record
+from ..store import MERGED_NAME
 from .report import VerifyReport
 
 SAMPLE_ROWS = 2000  # rows per file whose sampling decision is recomputed
 REBUILD = ("rebuild it: delete it and rerun the chunks that produced it, then merge (or pull it from the remote "
            "again after deleting final/.snapshot.json)")
-
-
-def read_json(path: Path) -> tuple[dict | None, str | None]:
-    """The JSON object in ``path``, or None and why it is not one."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        return None, str(exc)
-    if not isinstance(data, dict):
-        return None, f"the top level is a {type(data).__name__}, not an object"
-    return data, None
 
 
 @dataclass
@@ -42,7 +32,7 @@ class VerifyContext:
     final: Path = field(init=False)
     report: VerifyReport = field(init=False)
     front: dict | None = field(default=None, init=False)  # README front matter when it parses
-    merged: dict | None = field(default=None, init=False)  # final/.merged.json when it parses
+    merged: MergeRecord | None = field(default=None, init=False)  # final/.merged.json when it reads as one
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -74,11 +64,12 @@ class VerifyContext:
                 self.front, _ = read_front_matter(readme)
             except (ReadmeError, OSError, UnicodeDecodeError) as exc:
                 self.problem(readme, f"cannot be read ({exc}); render it again (sniff-qk render-readme --config ...)")
-        merged = self.final / ".merged.json"
+        merged = self.final / MERGED_NAME
         if merged.is_file():
-            self.merged, err = read_json(merged)
-            if err:
-                self.problem(merged, f"is not readable JSON ({err}); rerun merge to rewrite it")
+            try:
+                self.merged = read_merge_record(merged)
+            except RecordError as exc:
+                self.problem(merged, f"{exc.what}; rerun merge to rewrite it")
 
     def split_meta(self, split: str) -> dict | None:
         """``qk_sniffer: splits: <split>:`` of the README front matter (run metadata), if recorded."""

@@ -68,13 +68,13 @@ def split_samplers(ctx: VerifyContext, split: str) -> tuple[list[SamplerSpec] | 
             return None, ORIGINAL_ROWS
         _add_specs(ctx, specs, recs, split, readme, "render the README again")
         sources.append("final/README.md")
-    merged = ctx.merged if ctx.merged and ctx.merged.get("split") == split else None
-    if merged and merged.get("sampling"):
-        mixed = merged.get("mixed_sampling")
+    merged = ctx.merged if ctx.merged is not None and ctx.merged.split == split else None
+    if merged is not None and merged.sampling:
+        mixed = merged.mixed_sampling
         if mixed and not specs:
             return None, (".merged.json records that rows were appended with other sampling settings but "
                           "final/README.md records no history of them")
-        recs = [merged["sampling"]] + ([mixed.get("recorded")] if isinstance(mixed, dict) else [])
+        recs = [merged.sampling] + ([mixed.get("recorded")] if mixed else [])
         if any(is_original_sampling(rec) for rec in recs):
             return None, ORIGINAL_ROWS
         _add_specs(ctx, specs, recs, split, ctx.final / ".merged.json", "rerun merge")

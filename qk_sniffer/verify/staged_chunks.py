@@ -11,7 +11,8 @@ from ..chunk_plan import manifest_fingerprint_matches
 from ..config import chunk_fingerprint
 from ..layout import staging_dir
 from ..parquet import read_footer
-from .context import VerifyContext, read_json
+from ..records import RecordError, read_manifest
+from .context import VerifyContext
 
 CHUNK_DIR_RE = re.compile(r"chunk-(\d+)")
 
@@ -33,29 +34,27 @@ def check_staged_chunks(ctx: VerifyContext) -> None:
             ctx.warn(d, "has no manifest.json: an unfinished or crashed chunk, which merge ignores; rerun it "
                         f"(snakemake {ctx.rel(mf)}) or delete it")
             continue
-        manifest, err = read_json(mf)
-        if manifest is None:
-            ctx.problem(mf, f"is not readable JSON ({err}); delete {ctx.rel(d)} and rerun that chunk")
+        try:
+            manifest = read_manifest(mf)
+        except RecordError as exc:
+            ctx.problem(mf, f"{exc.what}; delete {ctx.rel(d)} and rerun that chunk")
             continue
         ctx.report.checked["chunks"] += 1
-        rows, files = manifest.get("rows"), manifest.get("files")
-        if not isinstance(rows, dict) or not isinstance(files, dict):
-            ctx.problem(mf, f"has no rows/files mappings; delete {ctx.rel(d)} and rerun that chunk")
-            continue
+        rows, files = manifest.rows, manifest.files
         if matches is not None and not matches(manifest, ctx.cfg):
-            ctx.warn(mf, f"was produced by another config (fingerprint {manifest.get('config_fingerprint')}, "
+            ctx.warn(mf, f"was produced by another config (fingerprint {manifest.config_fingerprint}, "
                          f"the given config has {fingerprint}): merge with this config refuses it")
-        for name in sorted(set(files) - {k for k, v in rows.items() if isinstance(v, int) and v > 0}):
+        for name in sorted(set(files) - {k for k, v in rows.items() if v > 0}):
             ctx.problem(mf, f"lists a file for {name!r} but no rows for it; delete {ctx.rel(d)} and rerun "
                             "that chunk")
         for name, count in sorted(rows.items()):
-            if not isinstance(count, int) or count <= 0:
-                if not isinstance(count, int) or count < 0:
+            if count <= 0:
+                if count < 0:
                     ctx.problem(mf, f"records {count!r} rows for {name!r}; delete {ctx.rel(d)} and rerun "
                                     "that chunk")
                 continue
             rel = files.get(name)
-            if not isinstance(rel, str):
+            if rel is None:
                 ctx.problem(mf, f"records {count} rows for {name!r} but lists no file; delete {ctx.rel(d)} "
                                 "and rerun that chunk")
                 continue
