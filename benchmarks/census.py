@@ -54,7 +54,7 @@ def capture(ckpt: Path, pre: bool, attn: str, seqs, work: Path):
     import numpy as np
     import torch
 
-    from qk_sniffer.chunk import Capturer
+    from qk_sniffer.chunk.run import Capturer
     from qk_sniffer.config import validate_config
     from qk_sniffer.modeling import load_model
 

@@ -111,9 +111,9 @@ class Forward:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from qk_sniffer.chunk import Capturer
+        from qk_sniffer.chunk.run import Capturer
+        from qk_sniffer.chunk.writer import ChunkWriter
         from qk_sniffer.modeling import DTYPES, attention_modules, backbone_of, load_model, resolve_capture
-        from qk_sniffer.writer import ChunkWriter
 
         self.torch = torch
         self.device = torch.device(device)
@@ -222,7 +222,7 @@ def bench_early(args, tmp: Path) -> list[dict]:
 
 
 def bench_padding(args, tmp: Path) -> list[dict]:
-    from qk_sniffer.source import length_sorted_batches
+    from qk_sniffer.chunk.source import length_sorted_batches
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(16, 1025, size=4000)
@@ -272,7 +272,7 @@ def bench_plan(args, tmp: Path) -> list[dict]:
 _MEM_CHILD = """
 import json, resource, sys
 from qk_sniffer.config import validate_config
-from qk_sniffer.chunk import run_chunk
+from qk_sniffer.chunk.run import run_chunk
 cfg = validate_config(json.loads(sys.argv[1]))
 run_chunk(cfg, 0)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
@@ -312,7 +312,7 @@ def bench_checkpoint(args, tmp: Path) -> list[dict]:
     """
     import polars as pl
 
-    from qk_sniffer.chunk import run_chunk
+    from qk_sniffer.chunk.run import run_chunk
     from qk_sniffer.config import validate_config
 
     model_dir = build_model(args.size, tmp / f"model-{args.size}")
@@ -368,11 +368,11 @@ def synth_staging(root: Path, cfg: dict, *, n_chunks: int, n_layers: int, n_head
     import pyarrow as pa
     import torch
 
+    from qk_sniffer.chunk.writer import row_schema
     from qk_sniffer.config import chunk_fingerprint, sampling_settings, split_name
     from qk_sniffer.layout import atomic_write_json, config_name, data_file, manifest_path
     from qk_sniffer.parquet import write_parquet_atomic
     from qk_sniffer.sampling import bucket_of
-    from qk_sniffer.writer import row_schema
 
     rng = np.random.default_rng(seed)
     split = split_name(cfg)
@@ -704,7 +704,7 @@ def _longctx_child() -> None:
         "output": {"data_root": job["root"], "split_name": "bench"},
     })
     if job["variant"] == "capture":
-        from qk_sniffer.chunk import Capturer
+        from qk_sniffer.chunk.run import Capturer
         from qk_sniffer.modeling import load_model, resolve_capture
 
         model = load_model(cfg, torch.device("cpu"))

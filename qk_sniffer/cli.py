@@ -211,7 +211,7 @@ def cmd_sniff_chunk(config: str, chunk: int, threads: int | None, plan: str | No
         raise ConfigError(f"--chunk: {chunk} is out of range; chunks are numbered from 0")
     spec = None
     if plan is not None:
-        from .chunk_plan import ChunkSpec
+        from .chunk.plan import ChunkSpec
 
         spec = ChunkSpec.read(plan)
     device = cfg["inference"]["device"]
@@ -219,7 +219,7 @@ def cmd_sniff_chunk(config: str, chunk: int, threads: int | None, plan: str | No
     if device == "cuda" and gpus == 0:
         raise ConfigError("inference.device is cuda but workflow.gpus_per_chunk is 0; set one of them differently")
 
-    from .gpu import lease_gpus
+    from .chunk.gpu import lease_gpus
 
     # CPU matrix products bitwise reproducible run to run (MKL otherwise lets results depend on
     # memory alignment); read by MKL when it initialises, so set before torch is imported
@@ -230,8 +230,8 @@ def cmd_sniff_chunk(config: str, chunk: int, threads: int | None, plan: str | No
             import torch
 
             torch.set_num_threads(threads)
-        from .chunk import run_chunk
-        from .tokens import cache_for
+        from .chunk.run import run_chunk
+        from .chunk.tokens import cache_for
 
         # a sweep member sharing its dataset and tokenizer with others: tokens shared through a cache
         manifest = run_chunk(cfg, chunk, spec, token_cache=cache_for(config))

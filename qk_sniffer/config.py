@@ -237,7 +237,7 @@ def fingerprint_inputs(cfg: dict) -> dict:
 
     Not batch size or padding side, and not ``dataset.max_samples`` or the chunking (``workflow.num_chunks``,
     ``workflow.chunk_size``): those decide which examples a chunk holds, which its manifest records apart
-    (``qk_sniffer.chunk_plan``). Ignored keys are left out, and so are keys added later while at their default,
+    (``qk_sniffer.chunk.plan``). Ignored keys are left out, and so are keys added later while at their default,
     so that configs which do not use them keep the fingerprint they had.
     """
     ignored = set(ignored_keys())

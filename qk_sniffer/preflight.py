@@ -2,7 +2,7 @@
 (README.md, "Before any chunk runs").
 
 For every member of the plan: the dataset (reachable, split present, text and id columns present and typed, rows,
-ids unique), the chunks (which exist, which must run and why: :mod:`qk_sniffer.chunk_plan`), and, when any of its
+ids unique), the chunks (which exist, which must run and why: :mod:`qk_sniffer.chunk.plan`), and, when any of its
 chunks will run, the model without its weights (config, tokenizer, attention implementation, layers, heads and
 head sampling, position limit). For every dataset root with a remote: the token and the remote (reachable,
 the right kind of repository, writable). Only when everything passed are the chunk plan files written.
@@ -17,7 +17,7 @@ import json
 import logging
 from pathlib import Path
 
-from .chunk_plan import MemberChunks, decide, read_plans, write_plans
+from .chunk.plan import MemberChunks, decide, read_plans, write_plans
 from .config import ConfigError
 from .errors import is_expected
 

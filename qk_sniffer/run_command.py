@@ -87,7 +87,7 @@ def _resolve_profiles(args: list[str]) -> list[str]:
 
 def _gpu_budget(cfg: dict) -> int:
     """The ``gpu`` resource for a local run: the GPUs this machine shows, or no limit without any."""
-    from .gpu import detect_gpus
+    from .chunk.gpu import detect_gpus
 
     per = cfg["workflow"]["gpus_per_chunk"]
     n = len(detect_gpus())
@@ -110,7 +110,7 @@ def _sweep_gpu_budget(cfgs: list[dict]) -> int:
 
 
 def _uses_gpu(cfg: dict) -> bool:
-    from .gpu import detect_gpus
+    from .chunk.gpu import detect_gpus
 
     return cfg["workflow"]["gpus_per_chunk"] > 0 and cfg["inference"]["device"] != "cpu" and bool(detect_gpus())
 

@@ -1,6 +1,6 @@
 """Preflight of ``dataset.*``: the split the run reads, its text column and its id column, checked locally.
 
-:func:`check_source` loads the split as :mod:`qk_sniffer.source` does and refuses, with one line naming the
+:func:`check_source` loads the split as :mod:`qk_sniffer.chunk.source` does and refuses, with one line naming the
 config key and the fix, what would otherwise fail (or silently lose rows) inside a chunk job: a missing split
 or column, no rows, a text column that holds no text, and an ``id_column`` with nulls, values of mixed types
 or repeated ids over the rows the run reads. Only the id column is read for the id checks (a second or two
@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .chunk.source import _check_columns, _load_kwargs, _reading, example_ids_for, load_split
 from .config import ConfigError
-from .source import _check_columns, _load_kwargs, _reading, example_ids_for, load_split
 
 log = logging.getLogger("qk_sniffer")
 

@@ -19,7 +19,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from qk_sniffer.capture import UnsupportedModelError
-from qk_sniffer.chunk import Capturer
+from qk_sniffer.chunk.run import Capturer
 from qk_sniffer.config import ConfigError
 from qk_sniffer.modeling import load_model, resolve_capture
 

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qk_sniffer.capture import Sniffer
-from qk_sniffer.chunk import Capturer
+from qk_sniffer.chunk.run import Capturer
 from qk_sniffer.modeling import attention_modules, backbone_of, layer_windows, load_model, resolve_capture
 
 from .reference_qk import padded_batch

@@ -12,7 +12,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from qk_sniffer.chunk import run_chunk
+from qk_sniffer.chunk.run import run_chunk
 from qk_sniffer.config import ConfigError
 from qk_sniffer.layout import chunk_dir, manifest_path
 from qk_sniffer.sampling import SHARED_HEAD, SamplerSpec, bucket_of, keep_probability, token_u
@@ -220,7 +220,7 @@ def test_failed_write_leaves_no_manifest(make_config, monkeypatch):
     """A write error (e.g. disk full) fails the chunk: no manifest, no file under its final name."""
     from pathlib import Path
 
-    import qk_sniffer.writer as writer
+    import qk_sniffer.chunk.writer as writer
 
     cfg = make_config(dataset={"max_samples": 6})
     root = Path(cfg["output"]["data_root"])
@@ -306,7 +306,7 @@ class _SlowBatch:
 def test_an_aborted_writer_writes_nothing_after_it_returns(tmp_path):
     """A killed chunk aborts its writer; the rerun deletes the directory at once, so the writer thread must have
     stopped by then (it used to finish its queue and flush into the directory being deleted)."""
-    from qk_sniffer.writer import ChunkWriter
+    from qk_sniffer.chunk.writer import ChunkWriter
 
     writer = ChunkWriter(tmp_path / "seg", "tiny", head_dim=8, n_layers=1, n_heads=1, buffer_bytes=0, max_queue=4)
     for i in range(4):  # every batch would flush a file (buffer_bytes=0)
@@ -328,7 +328,7 @@ def test_an_aborted_writer_writes_nothing_after_it_returns(tmp_path):
 
 def test_batches_keep_padding_small_at_long_contexts():
     """Rows far shorter than a batch's longest start their own batch; short rows batch freely; a pure function."""
-    from qk_sniffer.source import PADDING_SLACK_TOKENS, length_sorted_batches
+    from qk_sniffer.chunk.source import PADDING_SLACK_TOKENS, length_sorted_batches
 
     lengths = np.array([65536, 49152, 60000, 300, 20, 900, 8192, 7000, 6500])
     batches = length_sorted_batches(lengths, 4)

@@ -1,4 +1,4 @@
-"""Chunk layout and rerun decisions from what a data root records (qk_sniffer.chunk_plan), on real chunks."""
+"""Chunk layout and rerun decisions from what a data root records (qk_sniffer.chunk.plan), on real chunks."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import shutil
 
 import pytest
 
-from qk_sniffer.chunk import run_chunk
-from qk_sniffer.chunk_plan import decide, layout, manifest_fingerprint_matches, plan_path, recorded_layout, write_plans
+from qk_sniffer.chunk.plan import decide, layout, manifest_fingerprint_matches, plan_path, recorded_layout, write_plans
+from qk_sniffer.chunk.run import run_chunk
 from qk_sniffer.config import ConfigError, chunk_fingerprint, legacy_chunk_fingerprint
 from qk_sniffer.layout import manifest_path
+from qk_sniffer.records import ChunkManifest
 
 from .support.tiny_data import base_config
 
@@ -43,10 +44,13 @@ def test_a_stream_of_unknown_length_is_one_chunk():
 
 def test_legacy_fingerprints_still_match():
     cfg = base_config("unused", workflow={"num_chunks": 3})
+    def manifest(**fields) -> ChunkManifest:  # a version 1 manifest: no schema_version, num_chunks in its fingerprint
+        return ChunkManifest.from_json({"chunk": 0, "split": "tiny", "rows": {}, "files": {}, **fields}, "manifest.json")
+
     old = {"config_fingerprint": legacy_chunk_fingerprint(cfg, 40, 3), "num_chunks": 3, "dataset": {"max_samples": 40}}
-    assert manifest_fingerprint_matches(old, cfg)
-    assert not manifest_fingerprint_matches({**old, "num_chunks": 2}, cfg)
-    assert manifest_fingerprint_matches({"config_fingerprint": chunk_fingerprint(cfg)}, cfg)
+    assert manifest_fingerprint_matches(manifest(**old), cfg)
+    assert not manifest_fingerprint_matches(manifest(**{**old, "num_chunks": 2}), cfg)
+    assert manifest_fingerprint_matches(manifest(config_fingerprint=chunk_fingerprint(cfg)), cfg)
     # max_samples and the chunking are not in the fingerprint; a setting that changes rows is
     assert chunk_fingerprint(base_config("x", dataset={"max_samples": 7}, workflow={"num_chunks": 9})) == \
         chunk_fingerprint(cfg)

@@ -140,7 +140,7 @@ def test_python_m_sniff_chunk_writes_a_complete_chunk(tmp_path):
 
 
 def test_fingerprint_mismatch_is_refused_before_any_work(tmp_path):
-    from qk_sniffer.chunk_plan import ChunkSpec
+    from qk_sniffer.chunk.plan import ChunkSpec
 
     root = tmp_path / "root"
     path = write_yaml(tmp_path / "cfg.yaml", base_config(root))

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from qk_sniffer.checkpoints import JOURNAL, SEGMENTS, ChunkProgress
+from qk_sniffer.chunk.checkpoints import JOURNAL, SEGMENTS, ChunkProgress
 from qk_sniffer.layout import DiskFullError, chunk_dir, manifest_path
 from qk_sniffer.merge import merge_staging
 from qk_sniffer.store import MERGED_NAME
@@ -188,7 +188,7 @@ def test_chunk_out_of_space_in_its_writer_then_rerun(tmp_path, small_fs):
 def test_chunk_out_of_space_while_assembling_resumes_from_its_checkpoints(tmp_path, small_fs, monkeypatch, caplog):
     """Room for the checkpoints but not for the chunk's final files: the error names the file, the checkpoints stay,
     the half-assembled files go; with room made the chunk resumes from its checkpoints and gives the same rows."""
-    from qk_sniffer.chunk import run_chunk
+    from qk_sniffer.chunk.run import run_chunk
 
     fs = small_fs(16)
     # the same chunk once with room, keeping its checkpoints, to measure what each step takes on this filesystem
@@ -246,7 +246,7 @@ def _merge_config(root: Path, corpus: Path) -> dict:
 @pytest.fixture(scope="module")
 def two_parts(tmp_path_factory, mount_kind) -> dict:
     """Examples 0-11, then 12-19, each staged by the real sniff-chunk code as chunk 0 of its own data root."""
-    from qk_sniffer.chunk import run_chunk
+    from qk_sniffer.chunk.run import run_chunk
 
     base = tmp_path_factory.mktemp("full-disk-parts")
     parts = {}

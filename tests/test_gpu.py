@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qk_sniffer.capture import Sniffer
-from qk_sniffer.chunk import Capturer
+from qk_sniffer.chunk.run import Capturer
 from qk_sniffer.modeling import load_model, resolve_capture
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

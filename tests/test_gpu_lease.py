@@ -1,4 +1,4 @@
-"""GPU slot leases (qk_sniffer.gpu): real processes, real flock on real lock files; no GPU needed.
+"""GPU slot leases (qk_sniffer.chunk.gpu): real processes, real flock on real lock files; no GPU needed.
 
 ``QK_SNIFFER_GPUS`` stands in for the GPUs a machine shows, and every test uses its own lock
 directory, so the tests behave the same on machines with and without GPUs.
@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from qk_sniffer.chunk.gpu import GpuLeaseTimeout, lease_gpus
 from qk_sniffer.config import ConfigError
-from qk_sniffer.gpu import GpuLeaseTimeout, lease_gpus
 
 # A child that leases N slots, prints what it got, and holds the lease until a file appears.
 CHILD = r"""
 import logging, os, sys, time
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-from qk_sniffer.gpu import lease_gpus
+from qk_sniffer.chunk.gpu import lease_gpus
 n, release = int(sys.argv[1]), sys.argv[2]
 with lease_gpus(n) as lease:
     print("LEASED", os.environ["CUDA_VISIBLE_DEVICES"], lease.source, flush=True)

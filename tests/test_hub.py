@@ -349,7 +349,7 @@ def e2e_config(root: Path) -> dict:
 @pytest.fixture(scope="module")
 def staged_chunks(tmp_path_factory):
     """Three real staged chunks of the tiny Llama (and their merge, as the expected union)."""
-    from qk_sniffer.chunk import run_chunk
+    from qk_sniffer.chunk.run import run_chunk
     from qk_sniffer.merge import merge_staging
 
     root = tmp_path_factory.mktemp("staged") / "all"

@@ -94,7 +94,7 @@ def test_no_import_cycle():
     assert _cycles(graph) == []
 
 
-@pytest.mark.parametrize("leaf", ["qk_sniffer.store", "qk_sniffer.layout", "qk_sniffer.config",
+@pytest.mark.parametrize("leaf", ["qk_sniffer.store", "qk_sniffer.records", "qk_sniffer.layout", "qk_sniffer.config",
                                   "qk_sniffer.errors", "qk_sniffer.front_matter", "qk_sniffer.sampling"])
 def test_leaf_modules_import_no_stage(leaf):
     stages = ("qk_sniffer.merge", "qk_sniffer.readme", "qk_sniffer.report", "qk_sniffer.verify", "qk_sniffer.remote",

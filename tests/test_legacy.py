@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from qk_sniffer.chunk.writer import row_schema
 from qk_sniffer.cli import main
 from qk_sniffer.front_matter import read_front_matter
 from qk_sniffer.layout import data_file
@@ -25,7 +26,6 @@ from qk_sniffer.legacy import ORIGINAL_SAMPLING
 from qk_sniffer.migrate import migrate
 from qk_sniffer.parquet import write_parquet_atomic
 from qk_sniffer.verify import verify
-from qk_sniffer.writer import row_schema
 
 from .support.fakehub import fake_hub_fixture  # noqa: F401  (the fixture fake_hub)
 from .support.tiny_data import base_config
@@ -168,7 +168,7 @@ def test_migrate_readme_layout(tmp_path, capsys):
 def test_branch_layout_and_appending_captures_needs_allow_mixed_sampling(tmp_path):
     import datasets
 
-    from qk_sniffer.chunk import run_chunk
+    from qk_sniffer.chunk.run import run_chunk
     from qk_sniffer.merge import MergeError, merge_staging
     from qk_sniffer.readme import render_readme
 

@@ -31,7 +31,7 @@ SECTIONS = {"dataset": {"max_samples": 12}, "workflow": {"num_chunks": 1}}
 
 def _stage(root: Path, **sections) -> dict:
     """Chunk 0 of one chunk, staged by the real sniff-chunk code; returns the config."""
-    from qk_sniffer.chunk import run_chunk
+    from qk_sniffer.chunk.run import run_chunk
 
     cfg = base_config(root, **{**SECTIONS, **sections})
     assert cfg["workflow"]["num_chunks"] == 1

@@ -103,7 +103,7 @@ VALUES = [True, False, 0, 7, -3, 2**63 - 1, -(2**63), 2**63, -(2**63) - 1, 3.0, 
 
 
 def test_example_ids_map_as_the_original(tmp_path):
-    from qk_sniffer.source import example_id_of
+    from qk_sniffer.chunk.source import example_id_of
 
     assert [example_id_of(v) for v in VALUES] == [original_id(v) for v in VALUES]
 
@@ -122,7 +122,7 @@ def _parquet_source(tmp_path, n: int = 50, files: int = 3):
 
 @pytest.mark.parametrize("column", ["int_id", "float_id", "bool_id", "str_id"])
 def test_id_columns_of_a_real_dataset(tmp_path, column):
-    from qk_sniffer.source import load_shard
+    from qk_sniffer.chunk.source import load_shard
 
     folder, rows = _parquet_source(tmp_path)
     for streaming in (False, True):
@@ -138,8 +138,8 @@ def test_id_columns_of_a_real_dataset(tmp_path, column):
 def test_streaming_reads_the_same_disjoint_chunks_without_preparing_the_dataset(tmp_path, monkeypatch):
     import datasets
 
-    from qk_sniffer.chunk_plan import decide
-    from qk_sniffer.source import count_examples, load_shard
+    from qk_sniffer.chunk.plan import decide
+    from qk_sniffer.chunk.source import count_examples, load_shard
 
     folder, rows = _parquet_source(tmp_path, n=47)
     cache = tmp_path / "hf-cache"

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from qk_sniffer.chunk.writer import row_schema
 from qk_sniffer.parquet import (
     FMD_ROW_GROUPS,
     STRUCT,
@@ -21,7 +22,6 @@ from qk_sniffer.parquet import (
     read_footer,
     write_parquet_atomic,
 )
-from qk_sniffer.writer import row_schema
 
 WRITE_OPTIONS = {
     "defaults": {},

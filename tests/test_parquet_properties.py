@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from qk_sniffer.chunk.writer import row_schema
 from qk_sniffer.parquet import (
     Footer,
     FooterError,
@@ -23,7 +24,6 @@ from qk_sniffer.parquet import (
     read_footer,
     write_parquet_atomic,
 )
-from qk_sniffer.writer import row_schema
 
 VECTOR_LEAF = "vector.list.element"
 

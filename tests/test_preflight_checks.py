@@ -266,7 +266,7 @@ def test_head_sampling_larger_than_available_takes_every_pair(root, caplog):
 
 def test_tokenizer_without_pad_token_pads_with_eos_and_changes_no_vector(tmp_path, caplog):
     """No pad token is no error: padding goes on the right, without a mask, and never changes a vector."""
-    from qk_sniffer.chunk import run_chunk
+    from qk_sniffer.chunk.run import run_chunk
     from qk_sniffer.layout import chunk_dir
 
     model = tmp_path / "nopad"

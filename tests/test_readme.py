@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from qk_sniffer.chunk import run_chunk
+from qk_sniffer.chunk.run import run_chunk
 from qk_sniffer.front_matter import split_front_matter
 from qk_sniffer.layout import parse_config_name
 from qk_sniffer.merge import merge_staging

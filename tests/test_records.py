@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from qk_sniffer.chunk_plan import decide, manifest_fingerprint_matches
+from qk_sniffer.chunk.plan import decide, manifest_fingerprint_matches
 from qk_sniffer.config import legacy_chunk_fingerprint
 from qk_sniffer.merge import MergeError, merge_staging
 from qk_sniffer.records import (

@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from qk_sniffer.checkpoints import JOURNAL, SEGMENTS
-from qk_sniffer.chunk import Capturer, run_chunk
+from qk_sniffer.chunk.checkpoints import JOURNAL, SEGMENTS
+from qk_sniffer.chunk.run import Capturer, run_chunk
 from qk_sniffer.layout import chunk_dir, manifest_path
 
 from .support.rows import assert_same_rows as assert_rows_close
@@ -122,7 +122,7 @@ def test_killed_process_resumes(tmp_path):
     # each batch slowed down so that the kill lands between the 3rd checkpoint and the end
     driver = (
         "import sys, time\n"
-        "from qk_sniffer.chunk import Capturer\n"
+        "from qk_sniffer.chunk.run import Capturer\n"
         "orig = Capturer.run_batch\n"
         "def slow(self, *a, **k):\n"
         "    time.sleep(0.3)\n"

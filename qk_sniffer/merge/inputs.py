@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from .. import legacy
-from ..chunk_plan import describe_config_change, manifest_fingerprint_matches
+from ..chunk.plan import describe_config_change, manifest_fingerprint_matches
 from ..config import chunk_fingerprint, data_root, sampling_settings, split_name
 from ..front_matter import ReadmeError, read_front_matter
 from ..layout import data_file, final_dir, remove_stale_temps

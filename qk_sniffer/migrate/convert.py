@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..chunk.writer import row_schema
 from ..layout import parse_config_name
-from ..writer import row_schema
 from .errors import NOTHING, MigrateError
 
 

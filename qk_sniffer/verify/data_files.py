@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..writer import row_schema
+from ..chunk.writer import row_schema
 from .context import REBUILD, VerifyContext
 from .rows import check_rows, report_rows
 from .samplers import split_samplers

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from ..chunk_plan import manifest_fingerprint_matches
+from ..chunk.plan import manifest_fingerprint_matches
 from ..config import chunk_fingerprint
 from ..layout import staging_dir
 from ..parquet import read_footer

@@ -69,7 +69,7 @@ def merged_sections(*parts: dict) -> dict:
 
 def stage_chunks(root: Path, **sections) -> dict:
     """Run every chunk of the config (the real sniff-chunk code) into ``root/staging``; return the config."""
-    from qk_sniffer.chunk import run_chunk
+    from qk_sniffer.chunk.run import run_chunk
 
     cfg = base_config(root, **sections)
     for i in range(cfg["workflow"]["num_chunks"]):

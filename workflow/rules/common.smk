@@ -18,7 +18,7 @@ from qk_sniffer.preflight import (
 )
 from qk_sniffer.sweep import TOKEN_CACHE
 from qk_sniffer.sweep import prepare as prepare_plan
-from qk_sniffer.tokens import clear as clear_tokens
+from qk_sniffer.chunk.tokens import clear as clear_tokens
 
 # PLAN (built by the Snakefile from the config files) places every member: its member root (where its
 # chunks are staged and logged, the output.data_root of its effective config) and its dataset root (the

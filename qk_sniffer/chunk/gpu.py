@@ -37,10 +37,10 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from .config import ConfigError
-from .errors import QkSnifferError
+from ..config import ConfigError
+from ..errors import QkSnifferError
 
-log = logging.getLogger("qk_sniffer.gpu")
+log = logging.getLogger("qk_sniffer.chunk.gpu")
 
 ENV_GPUS = "QK_SNIFFER_GPUS"
 ENV_LOCK_DIR = "QK_SNIFFER_GPU_LOCK_DIR"

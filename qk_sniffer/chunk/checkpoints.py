@@ -33,8 +33,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .layout import DiskFullError, atomic_write_json, data_file, disk_full_errno, remove_stale_temps
-from .parquet import KEYS, write_parquet_atomic
+from ..layout import DiskFullError, atomic_write_json, data_file, disk_full_errno, remove_stale_temps
+from ..parquet import KEYS, write_parquet_atomic
 
 log = logging.getLogger("qk_sniffer")
 

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .layout import DiskFullError, config_name, data_file, disk_full_errno
+from ..layout import DiskFullError, config_name, data_file, disk_full_errno
 
 _DONE = object()
 FULL_HINT = ("the chunk stopped without its manifest and removed what it was writing; free space there and run the "

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .layout import atomic_output
+from ..layout import atomic_output
 from .source import Shard, Tokenized, tokenize_shard
 
 log = logging.getLogger("qk_sniffer")
@@ -82,7 +82,7 @@ def _read(path: Path) -> Tokenized:
 
 
 def tokenize_shared(cache: Path, shard: Shard, tokenizer, max_length: int) -> Tokenized:
-    """:func:`qk_sniffer.source.tokenize_shard`, computed once per input among the members using ``cache``."""
+    """:func:`qk_sniffer.chunk.source.tokenize_shard`, computed once per input among the members using ``cache``."""
     fingerprint = tokenizer_fingerprint(tokenizer)
     if fingerprint is None:
         log.info("tokens not shared: %s has no serialized form to compare", type(tokenizer).__name__)

@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
-from .capture import CapturedBatch, Sniffer, StopForward, to_device
+from .. import __version__
+from ..capture import CapturedBatch, Sniffer, StopForward, to_device
+from ..config import ConfigError, chunk_fingerprint, data_root, fingerprint_inputs, sampling_settings, split_name
+from ..layout import atomic_write_json, chunk_dir, config_name, manifest_path
+from ..modeling import DTYPES, backbone_of, load_model, load_tokenizer, pick_device, resolve_capture
+from ..records import ChunkManifest
 from .checkpoints import ChunkProgress, Segment
-from .chunk_plan import ChunkSpec, plan_chunk
-from .config import ConfigError, chunk_fingerprint, data_root, fingerprint_inputs, sampling_settings, split_name
-from .layout import atomic_write_json, chunk_dir, config_name, manifest_path
-from .modeling import DTYPES, backbone_of, load_model, load_tokenizer, pick_device, resolve_capture
-from .records import ChunkManifest
+from .plan import ChunkSpec, plan_chunk
 from .source import length_sorted_batches, load_shard, tokenize_shard
 from .writer import ChunkWriter
 
@@ -146,12 +146,12 @@ def run_chunk(cfg: dict, chunk: int, plan: ChunkSpec | None = None, root: Path |
     """Capture chunk ``chunk`` into ``staging/chunk-<chunk>/``; write its manifest last.
 
     ``plan``: the chunk's examples and fingerprint as the workflow planned them (its plan file); without it the
-    plan is made here from the data root's records (:func:`qk_sniffer.chunk_plan.plan_chunk`).
-    ``token_cache``: a folder shared with other sweep members reading the same examples (qk_sniffer.tokens).
+    plan is made here from the data root's records (:func:`qk_sniffer.chunk.plan.plan_chunk`).
+    ``token_cache``: a folder shared with other sweep members reading the same examples (qk_sniffer.chunk.tokens).
     """
     t0 = time.perf_counter()
     root = Path(root) if root is not None else data_root(cfg)
-    from .legacy import refuse_local
+    from ..legacy import refuse_local
 
     refuse_local(root)  # a data root holding the original tool's dataset: refused before any work (sniff-qk migrate)
     split = split_name(cfg)

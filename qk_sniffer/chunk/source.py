@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import ConfigError
+from ..config import ConfigError
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 

@@ -31,9 +31,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .config import ConfigError, chunk_fingerprint, fingerprint_inputs, legacy_chunk_fingerprint
-from .layout import manifest_path, staging_dir, write_text_if_changed
-from .records import ChunkManifest, RecordError, read_manifest
+from ..config import ConfigError, chunk_fingerprint, fingerprint_inputs, legacy_chunk_fingerprint
+from ..layout import manifest_path, staging_dir, write_text_if_changed
+from ..records import ChunkManifest, RecordError, read_manifest
 
 PLANS_DIR = Path(".qk-sniffer") / "chunks"
 PLAN_FORMAT = 1
