@@ -15,6 +15,7 @@ field and dropped the manifests' per-file ``summaries``.
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,11 @@ class RecordError(QkSnifferError, ValueError):
     def __init__(self, where: str | Path, what: str):
         super().__init__(f"{where} {what}")
         self.where, self.what = str(where), what
+
+
+def utc_now() -> str:
+    """The current UTC time as every record of the project writes it (``2024-01-31T12:00:00Z``)."""
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 _KINDS = {int: "an integer", str: "a string", float: "a number", dict: "a mapping", list: "a list", bool: "a boolean"}

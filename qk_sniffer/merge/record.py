@@ -4,12 +4,11 @@ merged and a summary of the run that staged them."""
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import time
 
 from ..layout import parse_config_name
-from ..records import ChunkManifest, MergeRecord
+from ..records import ChunkManifest, MergeRecord, utc_now
 from ..store import bucket_counts, final_configs
 from .inputs import MergeInputs
 from .rounding import ROUNDING_RTOL
@@ -17,8 +16,6 @@ from .rounding import ROUNDING_RTOL
 log = logging.getLogger("qk_sniffer")
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def merge_record(inputs: MergeInputs, done: dict[str, tuple[str, dict, int, dict]], t0: float) -> MergeRecord:
@@ -55,7 +52,7 @@ def merge_record(inputs: MergeInputs, done: dict[str, tuple[str, dict, int, dict
     merge_s = time.perf_counter() - t0
     result = MergeRecord(**{
         "split": split,
-        "merged_at": _now(),
+        "merged_at": utc_now(),
         "config_fingerprint": inputs.fingerprint,
         "sampling": inputs.sampling,
         "mixed_sampling": inputs.mixed,

@@ -4,7 +4,6 @@ command ``sniff-qk migrate``."""
 
 from __future__ import annotations
 
-import datetime as _dt
 import filecmp
 import json
 import logging
@@ -20,6 +19,7 @@ from ..config import data_root, load_config, split_name
 from ..front_matter import ReadmeError, read_front_matter
 from ..layout import atomic_write_json, atomic_write_text, data_file, final_dir
 from ..parquet import write_parquet_atomic
+from ..records import utc_now
 from .convert import convert_config
 from .errors import NOTHING, MigrateError
 from .source import plan_source
@@ -30,8 +30,6 @@ JOURNAL = "migrate.json"
 WORK_PREFIX = ".migrate-"
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _json(path: Path) -> dict:
@@ -181,7 +179,7 @@ def _migrate(cfg, local, root: Path, final: Path, split: str, journal: dict, tmp
     # then the files, then the card; the journal says done last
     at = journal.get("at") if journal.get("source_digest") == plan["digest"] else None
     record = {"source": where, "source_digest": plan["digest"], "layout": plan["layout"], "splits": sorted(stats),
-              "targets": sorted(p.relative_to(final).as_posix() for p in targets), "at": at or _now(),
+              "targets": sorted(p.relative_to(final).as_posix() for p in targets), "at": at or utc_now(),
               "summary": summary}
     atomic_write_json(root / JOURNAL, {**record, "state": "moving"})
     _record_in_card(final, fm, body, plan, stats, record, legacy.original_metadata(base))

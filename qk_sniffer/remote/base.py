@@ -9,7 +9,6 @@ picks the one a config names.
 
 from __future__ import annotations
 
-import datetime as _dt
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -60,6 +59,3 @@ class Remote(Protocol):
         ...
 
 
-def utc_now() -> str:
-    """The current UTC time as the remote records and snapshots write it (``2024-01-31T12:00:00Z``)."""
-    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

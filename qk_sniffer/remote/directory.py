@@ -12,7 +12,8 @@ from filelock import FileLock
 from filelock import Timeout as LockTimeout
 
 from ..layout import atomic_output, atomic_write_json
-from .base import RemoteError, RemoteMovedError, utc_now
+from ..records import utc_now
+from .base import RemoteError, RemoteMovedError
 
 log = logging.getLogger("qk_sniffer")
 

@@ -27,7 +27,8 @@ from pathlib import Path
 from .. import legacy
 from ..config import data_root, split_name
 from ..layout import atomic_write_json, final_dir, remove_stale_temps
-from .base import PushError, RemoteError, RemoteMovedError, utc_now
+from ..records import utc_now
+from .base import PushError, RemoteError, RemoteMovedError
 from .configured import remote_for
 from .credentials import require_hub_token
 from .local_tree import hash_files, local_files, prune_empty_dirs
