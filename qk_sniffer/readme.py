@@ -14,7 +14,6 @@ kept as they are.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from .front_matter import read_front_matter
 from .layout import CONFIG_RE, atomic_write_text, final_dir, parse_config_name, remove_stale_temps
 from .report import render_card_figure, rows_per_group
 from .sampling import log_uniform_floor
+from .records import utc_now
 from .store import bucket_counts, final_configs, merged_record
 
 BEGIN = "<!-- qk-sniffer:begin -->"
@@ -99,10 +99,6 @@ def build_configs(splits: dict[str, list[str]]) -> list[dict]:
 # -- metadata ---------------------------------------------------------------------------------
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _disk_stats(final: Path, split: str) -> tuple[int, list[dict]]:
     """Rows and rows per bucket of a split read from its files (only the bucket column)."""
     per: dict[int, dict[str, int]] = {}
@@ -139,7 +135,7 @@ def split_meta(cfg: dict, final: Path, split: str, configs: list[str], previous:
     prev = dict(previous or {})
     meta = {k: v for k, v in prev.items() if k != "updated_at"}
     merged = merged_record(final, split)
-    run = (merged or {}).get("run")
+    run = merged.run if merged is not None else None
     if run:  # this run merged chunks: its model, dataset and sampling describe the split now
         model = run.get("model") or {}
         meta["model"] = {k: model.get(k) for k in ("name", "revision", "dtype", "attn_implementation",
@@ -152,8 +148,8 @@ def split_meta(cfg: dict, final: Path, split: str, configs: list[str], previous:
                 meta[key] = model[key]
         if model.get("head_sampling") is None:  # this run captured every selected head
             meta.pop("head_sampling", None)
-        meta["sampling"] = merged.get("sampling") or run.get("sampling")
-        mixed = merged.get("mixed_sampling")
+        meta["sampling"] = merged.sampling or run.get("sampling")
+        mixed = merged.mixed_sampling
         if mixed:
             history = list(meta.get("previous_sampling") or [])
             if mixed.get("recorded") not in history:
@@ -161,14 +157,14 @@ def split_meta(cfg: dict, final: Path, split: str, configs: list[str], previous:
             meta["previous_sampling"] = history
     for key, value in _cfg_meta(cfg).items():  # nothing recorded yet: what the config says
         meta.setdefault(key, value)
-    if merged:
-        meta["rows_per_bucket"] = _bucket_table(merged.get("buckets") or {})
-        meta["rows_total"] = int(merged.get("rows_split_total") or 0)
+    if merged is not None:
+        meta["rows_per_bucket"] = _bucket_table(merged.buckets)
+        meta["rows_total"] = merged.rows_split_total
     else:
         meta["rows_total"], meta["rows_per_bucket"] = _disk_stats(final, split)
     meta["configs"] = len(configs)
     meta["updated_at"] = prev["updated_at"] if prev.get("updated_at") and _same(prev, meta) else \
-        ((merged or {}).get("merged_at") or _now())
+        ((merged.merged_at if merged is not None else None) or utc_now())
     return meta
 
 
