@@ -23,9 +23,9 @@ from . import legacy
 from .config import data_root, sampling_settings, split_name
 from .front_matter import read_front_matter
 from .layout import CONFIG_RE, atomic_write_text, final_dir, parse_config_name, remove_stale_temps
+from .records import utc_now
 from .report import render_card_figure, rows_per_group
 from .sampling import log_uniform_floor
-from .records import utc_now
 from .store import bucket_counts, final_configs, merged_record
 
 BEGIN = "<!-- qk-sniffer:begin -->"

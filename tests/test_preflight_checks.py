@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from qk_sniffer import source
+from qk_sniffer.chunk import source
 from qk_sniffer.config import ConfigError
 from qk_sniffer.model_check import ModelInfo, check_model
 from qk_sniffer.source_check import SourceInfo, check_source
