@@ -97,7 +97,7 @@ def test_no_import_cycle():
 @pytest.mark.parametrize("leaf", ["qk_sniffer.store", "qk_sniffer.layout", "qk_sniffer.config",
                                   "qk_sniffer.errors", "qk_sniffer.front_matter", "qk_sniffer.sampling"])
 def test_leaf_modules_import_no_stage(leaf):
-    stages = ("qk_sniffer.merge", "qk_sniffer.readme", "qk_sniffer.report", "qk_sniffer.verify", "qk_sniffer.remote",
+    stages = ("qk_sniffer.merge", "qk_sniffer.card", "qk_sniffer.report", "qk_sniffer.verify", "qk_sniffer.remote",
               "qk_sniffer.chunk", "qk_sniffer.cli", "qk_sniffer.sweep")
     assert not {m for m in imports_of(leaf) if m.startswith(stages)}
 

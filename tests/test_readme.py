@@ -11,11 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from qk_sniffer.chunk import run_chunk
-from qk_sniffer.front_matter import split_front_matter
-from qk_sniffer.layout import parse_config_name
-from qk_sniffer.merge import merge_staging
-from qk_sniffer.readme import (
+from qk_sniffer.card import (
     BEGIN,
     END,
     VIEWER_MAX_CONFIGS,
@@ -23,6 +19,10 @@ from qk_sniffer.readme import (
     generated_body,
     render_readme,
 )
+from qk_sniffer.chunk import run_chunk
+from qk_sniffer.front_matter import split_front_matter
+from qk_sniffer.layout import parse_config_name
+from qk_sniffer.merge import merge_staging
 
 from .support.tiny_data import DEMO_CHUNKS, base_config, merged_sections
 
