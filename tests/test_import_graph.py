@@ -106,3 +106,11 @@ def test_the_graph_reader_sees_function_level_imports(tmp_path):
     # the reader itself: a cycle hidden in a function is still a cycle
     assert _cycles({"a": {"b"}, "b": {"a"}, "c": set()}) == [["a", "b"]]
     assert "qk_sniffer.merge" in imports_of("qk_sniffer.sweep_stages")  # imported inside functions there
+
+
+@pytest.mark.parametrize("below", ["qk_sniffer.store", "qk_sniffer.report", "qk_sniffer.merge", "qk_sniffer.legacy"])
+def test_the_card_is_imported_by_nothing_it_builds_on(below):
+    """The card (``qk_sniffer.card``) draws on these; none of their modules imports it back."""
+    modules = [m for m in MODULES if m == below or m.startswith(below + ".")]
+    assert modules
+    assert not {m for mod in modules for m in imports_of(mod) if m == "qk_sniffer.card" or m.startswith("qk_sniffer.card.")}

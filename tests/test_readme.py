@@ -313,3 +313,17 @@ def test_card_text_is_the_stored_card(tmp_path):
     assert text == EXPECTED_CARD.read_text(encoding="utf-8")
     render_readme(cfg)  # rendered again: the same bytes
     assert (root / "final" / "README.md").read_text(encoding="utf-8") == text
+
+
+def test_the_body_template_ships_in_the_wheel():
+    """``card/templates/*.j2`` is package data (pyproject.toml), so an installed package can render the card."""
+    import fnmatch
+    import tomllib
+
+    import qk_sniffer.card.body as body
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["qk_sniffer.card"]
+    template = Path(body.__file__).parent / "templates" / body.TEMPLATE
+    assert template.is_file()
+    assert any(fnmatch.fnmatch(f"templates/{body.TEMPLATE}", p) for p in patterns)
