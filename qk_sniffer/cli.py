@@ -288,7 +288,7 @@ def cmd_stage(name: str, config: str | list[str]) -> int:
 
         merge_staging(cfg)
     elif name == "render-readme":
-        from .readme import render_readme
+        from .card import render_readme
 
         render_readme(cfg)
     elif name == "push":

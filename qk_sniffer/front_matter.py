@@ -1,6 +1,6 @@
 """The front matter of a dataset card (``final/README.md``): the YAML mapping between the ``---`` lines that open it.
 
-A leaf module: the card's writer (:mod:`qk_sniffer.readme`) and every reader of its per-split records (merge,
+A leaf module: the card's writer (:mod:`qk_sniffer.card`) and every reader of its per-split records (merge,
 report, verify, migrate, legacy) import it, and it imports nothing of the package. The parsing is kept here rather
 than in ``huggingface_hub``'s card helpers because a malformed card must fail with one line that names the file
 and the fix, and an unclosed ``---`` must not be read as a card without front matter.

@@ -34,8 +34,8 @@ def pull_all(cfgs: list[dict]) -> dict:
 
 
 def merge_all(cfgs: list[dict]) -> list[dict]:
+    from .card import render_readme
     from .merge import merge_staging
-    from .readme import render_readme
 
     results = []
     for cfg in cfgs:
@@ -45,7 +45,7 @@ def merge_all(cfgs: list[dict]) -> list[dict]:
 
 
 def render_all(cfgs: list[dict]) -> Path:
-    from .readme import render_readme
+    from .card import render_readme
 
     out = None
     for cfg in cfgs:
@@ -72,8 +72,8 @@ def replay_merge(cfg: dict, root: Path | None = None) -> None:
     """The replay of a single config's push onto a moved remote, after the pull: merge its staged chunks into
     ``final/`` again, render the card and verify; raises :class:`~qk_sniffer.remote.base.PushError` when what
     the retry would publish fails verification."""
+    from .card import render_readme
     from .merge import merge_staging
-    from .readme import render_readme
     from .remote.base import PushError
     from .verify import verify
 

@@ -371,8 +371,8 @@ def new_root(tmp_path: Path, name: str, staged: Path, chunks: list[int]) -> tupl
 
 
 def build(cfg: dict, root: Path) -> None:
+    from qk_sniffer.card import render_readme
     from qk_sniffer.merge import merge_staging
-    from qk_sniffer.readme import render_readme
 
     merge_staging(cfg, root)
     render_readme(cfg, root)

@@ -97,7 +97,7 @@ def test_no_import_cycle():
 @pytest.mark.parametrize("leaf", ["qk_sniffer.store", "qk_sniffer.records", "qk_sniffer.layout", "qk_sniffer.config",
                                   "qk_sniffer.errors", "qk_sniffer.front_matter", "qk_sniffer.sampling"])
 def test_leaf_modules_import_no_stage(leaf):
-    stages = ("qk_sniffer.merge", "qk_sniffer.readme", "qk_sniffer.report", "qk_sniffer.verify", "qk_sniffer.remote",
+    stages = ("qk_sniffer.merge", "qk_sniffer.card", "qk_sniffer.report", "qk_sniffer.verify", "qk_sniffer.remote",
               "qk_sniffer.chunk", "qk_sniffer.cli", "qk_sniffer.sweep")
     assert not {m for m in imports_of(leaf) if m.startswith(stages)}
 
@@ -106,3 +106,11 @@ def test_the_graph_reader_sees_function_level_imports(tmp_path):
     # the reader itself: a cycle hidden in a function is still a cycle
     assert _cycles({"a": {"b"}, "b": {"a"}, "c": set()}) == [["a", "b"]]
     assert "qk_sniffer.merge" in imports_of("qk_sniffer.sweep_stages")  # imported inside functions there
+
+
+@pytest.mark.parametrize("below", ["qk_sniffer.store", "qk_sniffer.report", "qk_sniffer.merge", "qk_sniffer.legacy"])
+def test_the_card_is_imported_by_nothing_it_builds_on(below):
+    """The card (``qk_sniffer.card``) draws on these; none of their modules imports it back."""
+    modules = [m for m in MODULES if m == below or m.startswith(below + ".")]
+    assert modules
+    assert not {m for mod in modules for m in imports_of(mod) if m == "qk_sniffer.card" or m.startswith("qk_sniffer.card.")}

@@ -168,9 +168,9 @@ def test_migrate_readme_layout(tmp_path, capsys):
 def test_branch_layout_and_appending_captures_needs_allow_mixed_sampling(tmp_path):
     import datasets
 
+    from qk_sniffer.card import render_readme
     from qk_sniffer.chunk.run import run_chunk
     from qk_sniffer.merge import MergeError, merge_staging
-    from qk_sniffer.readme import render_readme
 
     src = tmp_path / "branch"
     written = write_original(src, "branch", configs=("l00h00q", "l00h00k"), fixed=True, token=False)
@@ -425,7 +425,7 @@ def test_pull_refuses_an_original_branch_and_migrate_reads_it(fake_hub, tmp_path
     assert main(["migrate", "--config", str(path)]) == 0
     assert "nothing changed" in capsys.readouterr().out and downloads(fake_hub) == n  # not even downloaded again
     # the way out: publish the converted split to another branch
-    from qk_sniffer.readme import render_readme
+    from qk_sniffer.card import render_readme
     from qk_sniffer.remote.sync import pull
     from qk_sniffer.sweep_stages import push_one as push
 

@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from qk_sniffer.card import render_readme
 from qk_sniffer.front_matter import split_front_matter
 from qk_sniffer.layout import data_file, parse_config_name
 from qk_sniffer.merge import MergeError, merge_staging
 from qk_sniffer.parquet import read_footer
-from qk_sniffer.readme import render_readme
 
 from .support.tiny_data import DEMO_CHUNKS, base_config, merged_sections, stage_chunks
 from .support.workflow_runs import final_files

@@ -166,10 +166,10 @@ def _blake_id(value) -> int:
 
 def test_the_every_key_config_runs_and_means_what_it_meant(tmp_path, monkeypatch, caplog):
     """later_every_key.yaml, unchanged, through sniff-chunk, merge and the card."""
+    from qk_sniffer.card import render_readme
     from qk_sniffer.chunk.run import run_chunk
     from qk_sniffer.front_matter import read_front_matter
     from qk_sniffer.merge import merge_staging
-    from qk_sniffer.readme import render_readme
 
     monkeypatch.chdir(_workdir(tmp_path))
     cfg = load_config(FIXTURES / "later_every_key.yaml")

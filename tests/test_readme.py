@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import shutil
 from pathlib import Path
 
@@ -10,11 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from qk_sniffer.chunk.run import run_chunk
-from qk_sniffer.front_matter import split_front_matter
-from qk_sniffer.layout import parse_config_name
-from qk_sniffer.merge import merge_staging
-from qk_sniffer.readme import (
+from qk_sniffer.card import (
     BEGIN,
     END,
     VIEWER_MAX_CONFIGS,
@@ -22,6 +19,10 @@ from qk_sniffer.readme import (
     generated_body,
     render_readme,
 )
+from qk_sniffer.chunk.run import run_chunk
+from qk_sniffer.front_matter import split_front_matter
+from qk_sniffer.layout import parse_config_name
+from qk_sniffer.merge import merge_staging
 
 from .support.tiny_data import DEMO_CHUNKS, base_config, merged_sections
 
@@ -205,10 +206,14 @@ def test_viewer_limits_are_warned():
     entries = build_configs(splits)
     assert len(entries) > VIEWER_MAX_CONFIGS
     body = generated_body(splits, {}, "org/repo", len(entries))
-    assert "3,000" in body and "dataset viewer" in body
+    assert f"> **Note:** this card lists {len(entries):,} configs; the Hub's dataset viewer shows a few thousand at " \
+           "most (this card warns above 3,000), so some configs are not browsable there. `load_dataset` loads every " \
+           "one of them." in body.split("\n")
     small = {f"s{i}": ["l00h00q"] for i in range(31)}
     body = generated_body(small, {}, "org/repo", len(build_configs(small)))
-    assert "31 splits" in body and "3,000" not in body
+    assert "> **Note:** this dataset has 31 splits; the Hub's dataset viewer handles about 30. `load_dataset` loads " \
+           "every one of them." in body.split("\n")
+    assert "3,000" not in body and body.endswith("```\n\n" + END) and body.startswith(BEGIN + "\n")
     assert "**Note:**" not in generated_body({"s": ["l00h00q"]}, {}, "org/repo", 7)
 
 
@@ -239,3 +244,86 @@ def test_card_embeds_summary_figure_and_group_table(merged_root):
     q_rows = sum(pl.scan_parquet(p).select(pl.len()).collect().item()
                  for p in (merged_root / "final" / "data" / "tiny").glob("l00h*q/data.parquet"))
     assert f"| `layer00` | 6 | {q_rows:,} |" in body
+
+
+# -- the card's text, byte for byte ------------------------------------------------------------------------------
+
+EXPECTED_CARD = Path(__file__).parent / "fixtures" / "card" / "expected_README.md"
+
+
+def _write_config_file(path: Path, buckets: list[int], first_example: int) -> None:
+    """A config file holding only what the card reads: ``bucket`` and ``example_id``."""
+    import pyarrow as pa
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ids = [f"doc-{first_example + i % 3:05d}" for i in range(len(buckets))]
+    pq.write_table(pa.table({"bucket": pa.array(buckets, pa.int32()), "example_id": ids}), path)
+
+
+def _fixed_root(root: Path) -> dict:
+    """A data root whose card exercises every row the body can hold, with nothing that depends on the clock.
+
+    ``gemma``: the split of the latest merge (``.merged.json``: sliding and chunked layers, RoPE on some layers only,
+    a transform after the rotation, a skipped layer, sampled heads, mixed sampling); ``older``: a split the existing
+    card describes (uniform sampler, previous sampling); ``handmade``: a split copied in by hand, known only from its
+    files (a sampler the card cannot place positions for). The existing card has user keys, an intro and a footer.
+    """
+    final = root / "final"
+    for name, buckets in {"l00h00q": [3, 3, 4, 6, 6, 6, 7], "l00h00k": [3, 4, 7], "l00h01q": [6, 7, 7, 8],
+                          "l01h00q": [3, 6], "l01h00k": [4, 4, 4, 8], "l01h01q": [8]}.items():
+        _write_config_file(final / "data" / "gemma" / name / "data.parquet", buckets, 0)
+    for name, buckets in {"l00h00q": [0, 1, 2], "l00h00k": [0, 0, 2, 2]}.items():
+        _write_config_file(final / "data" / "older" / name / "data.parquet", buckets, 7)
+    _write_config_file(final / "data" / "handmade" / "l02h03q" / "data.parquet", [2, 2, 6], 3)
+    sampling = {"type": "log_uniform", "base_rate": 2.0, "seed": 0, "per_head": False, "min_bucket_size": 8,
+                "capture_pre_rope": True, "max_length": 96, "max_rows_per_batch": None}
+    model = {"name": "org/gemma-tiny", "revision": "abc123", "dtype": "bfloat16", "attn_implementation": "eager",
+             "num_layers": 3, "num_heads": 2, "num_kv_heads": 1, "head_dim": 16, "layer_windows": [None, 512, None],
+             "layer_attention": ["full", "sliding:512", "chunked:8192"], "rope_layers": [0, 1],
+             "rope_unknown_layers": [2], "post_rotation_transform": {"q": [1], "k": []},
+             "skipped_layers": {"2": "not an attention layer"},
+             "head_sampling": {"seed": 5, "selected": 3, "candidates": 4, "requested": 3,
+                               "query_heads": [[0, 0], [0, 1], [1, 1]]}}
+    merged = {"split": "gemma", "merged_at": "2025-01-02T03:04:05Z", "rows_split_total": 21,
+              "buckets": {"q": {"3": 3, "4": 1, "6": 5, "7": 3, "8": 2}, "k": {"3": 1, "4": 4, "7": 1, "8": 1}},
+              "sampling": sampling, "mixed_sampling": {"recorded": {**sampling, "base_rate": 1.0}},
+              "run": {"model": model, "dataset": {"path": "org/corpus", "name": "en", "split": "train",
+                                                  "text_column": "text", "id_column": "doc_id", "max_samples": 12}}}
+    (final / ".merged.json").write_text(json.dumps(merged), encoding="utf-8")
+    older = {"model": {"name": "org/older", "revision": None, "dtype": "float32", "attn_implementation": "sdpa"},
+             "dataset": {"path": "json", "name": None, "split": "train", "text_column": "text", "max_samples": None},
+             "sampling": {"type": "uniform", "base_rate": 0.5, "min_bucket_size": 4},
+             "previous_sampling": [{"type": "uniform", "base_rate": 1.0, "min_bucket_size": 4}],
+             "rows_per_bucket": [{"bucket": 0, "q": 1, "k": 2}, {"bucket": 1, "q": 1, "k": 0},
+                                 {"bucket": 2, "q": 1, "k": 2}],
+             "rows_total": 7, "configs": 1, "updated_at": "2024-06-07T08:09:10Z"}
+    front = {"license": "mit", "qk_sniffer": {"splits": {"older": older}}, "pretty_name": "QK demo"}
+    (final / "README.md").write_text("---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n# QK demo\n\nIntro.\n\n"
+                                     f"{BEGIN}\nstale\n{END}\n\nFooter by hand.\n", encoding="utf-8")
+    return base_config(root, output={"split_name": "gemma", "hf_repo_id": "org/qk-demo"})
+
+
+def test_card_text_is_the_stored_card(tmp_path):
+    """The whole card of a fixed data root (front matter and body), byte for byte; a deliberate change to the card's
+    text updates ``fixtures/card/expected_README.md`` in the same commit."""
+    root = tmp_path / "root"
+    cfg = _fixed_root(root)
+    render_readme(cfg)
+    text = (root / "final" / "README.md").read_text(encoding="utf-8")
+    assert text == EXPECTED_CARD.read_text(encoding="utf-8")
+    render_readme(cfg)  # rendered again: the same bytes
+    assert (root / "final" / "README.md").read_text(encoding="utf-8") == text
+
+
+def test_the_body_template_ships_in_the_wheel():
+    """``card/templates/*.j2`` is package data (pyproject.toml), so an installed package can render the card."""
+    import fnmatch
+    import tomllib
+
+    import qk_sniffer.card.body as body
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["qk_sniffer.card"]
+    template = Path(body.__file__).parent / "templates" / body.TEMPLATE
+    assert template.is_file()
+    assert any(fnmatch.fnmatch(f"templates/{body.TEMPLATE}", p) for p in patterns)

@@ -11,10 +11,10 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
+from qk_sniffer.card import render_readme
 from qk_sniffer.config import ConfigError
 from qk_sniffer.front_matter import split_front_matter
 from qk_sniffer.merge import merge_staging
-from qk_sniffer.readme import render_readme
 from qk_sniffer.remote.base import PushError, Remote, RemoteMovedError
 from qk_sniffer.remote.configured import remote_for
 from qk_sniffer.remote.directory import DirRemote

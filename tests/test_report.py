@@ -17,12 +17,11 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
+from qk_sniffer.card import CARD_FIGURE, render_card_figure
 from qk_sniffer.report import (
     BINS_PER_DECADE,
-    CARD_FIGURE,
     ReportError,
     compute_stats,
-    render_card_figure,
     render_report,
     report_main,
     rows_per_group,

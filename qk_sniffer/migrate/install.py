@@ -184,7 +184,7 @@ def _migrate(cfg, local, root: Path, final: Path, split: str, journal: dict, tmp
     atomic_write_json(root / JOURNAL, {**record, "state": "moving"})
     _record_in_card(final, fm, body, plan, stats, record, legacy.original_metadata(base))
     changed = _install(work, final, replace=recovering)
-    from ..readme import render_readme
+    from ..card import render_readme
 
     render_readme(cfg, root)
     atomic_write_json(root / JOURNAL, {**record, "state": "done"})

@@ -1,4 +1,4 @@
-"""``report``: statistics of the final dataset and the figures of the workflow report and the dataset card.
+"""``report``: statistics of the final dataset and the figures of the workflow report.
 
 Everything is computed from ``final/data/<split>/<config>/data.parquet`` (README.md, "What you get"),
 one config file at a time and one record batch at a time, so memory stays bounded by a batch
@@ -22,8 +22,8 @@ plus a few small per-split tables, whatever the size of the dataset:
   forming the pairs;
 - throughput of each staged chunk, from ``staging/chunk-*/manifest.json``.
 
-``render_report`` draws the figures of ``snakemake --report`` (workflow/rules/report.smk);
-``render_card_figure`` draws the small figure the dataset card embeds, ``final/figures/rows_per_bucket.png``.
+``render_report`` draws the figures of ``snakemake --report`` (workflow/rules/report.smk). The dataset card's
+figure (``qk_sniffer.card.figure``) is drawn with ``figures.draw_rows``; this package does not import the card.
 Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot, no display) and
 every file is written under a temporary name and renamed into place.
 
@@ -36,8 +36,7 @@ Modules, in the order data flows through them:
 - ``scan``: one pass over a split's files, and ``compute_stats``;
 - ``canvas`` and ``figures``: figure files and the figures of the workflow report;
 - ``page_template`` and ``page``: the run metadata page (Jinja2);
-- ``workflow_report``: ``render_report`` and the ``report`` command;
-- ``card_figure``: the dataset card's figure.
+- ``workflow_report``: ``render_report`` and the ``report`` command.
 
 This module only re-exports their public names.
 """
@@ -45,7 +44,6 @@ This module only re-exports their public names.
 from .accumulators import BINS_PER_DECADE, NormHistogram
 from .buckets import bucket_bounds
 from .canvas import FORMATS, save_figure
-from .card_figure import CARD_FIGURE, render_card_figure
 from .figures import render_chunk_timings, render_heads, render_norms, render_rows_per_bucket
 from .page import metadata_rows, render_metadata_html
 from .scan import compute_stats
@@ -53,8 +51,8 @@ from .sources import KINDS, ReportError, chunk_timings, discover_splits, rows_pe
 from .workflow_report import FIGURE_WORKERS, render_report, report_main
 
 __all__ = [
-    "BINS_PER_DECADE", "CARD_FIGURE", "FIGURE_WORKERS", "FORMATS", "KINDS", "NormHistogram",
+    "BINS_PER_DECADE", "FIGURE_WORKERS", "FORMATS", "KINDS", "NormHistogram",
     "ReportError", "bucket_bounds", "chunk_timings", "compute_stats", "discover_splits", "metadata_rows",
-    "render_card_figure", "render_chunk_timings", "render_heads", "render_metadata_html", "render_norms",
+    "render_chunk_timings", "render_heads", "render_metadata_html", "render_norms",
     "render_report", "render_rows_per_bucket", "report_main", "rows_per_group", "save_figure", "split_metadata",
 ]

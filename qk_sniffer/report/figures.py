@@ -1,6 +1,6 @@
 """The figures of ``snakemake --report`` (workflow/rules/report.smk): rows per bucket with the sampler's
 expectation, norm quartiles per layer, per-head heatmaps and chunk throughput. ``draw_rows`` is shared
-with the dataset card's figure (``card_figure``).
+with the dataset card's figure (``qk_sniffer.card.figure``).
 """
 
 from __future__ import annotations

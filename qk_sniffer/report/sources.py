@@ -2,7 +2,7 @@
 and the manifests of the staged chunks.
 
 Every read of another qk_sniffer module's on-disk records (``merge``: the merged-split record, the final
-config files, the staged chunks; ``readme``: the dataset card's front matter) happens in this module.
+config files, the staged chunks; ``card``: the dataset card's front matter) happens in this module.
 """
 
 from __future__ import annotations

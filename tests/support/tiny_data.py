@@ -79,8 +79,8 @@ def stage_chunks(root: Path, **sections) -> dict:
 
 def merge_and_render(root: Path, **sections) -> dict:
     """The chunks already staged under ``root/staging`` merged into ``final/`` and the card rendered; returns the config."""
+    from qk_sniffer.card import render_readme
     from qk_sniffer.merge import merge_staging
-    from qk_sniffer.readme import render_readme
 
     cfg = base_config(root, **sections)
     merge_staging(cfg)

@@ -1,5 +1,9 @@
 """``final/figures/rows_per_bucket.png``, the figure the dataset card embeds: rows per position bucket of
-every split, counted from the ``bucket`` and ``example_id`` columns alone."""
+every split, counted from the ``bucket`` and ``example_id`` columns alone.
+
+It is drawn with the report's figure code (``report.figures.draw_rows``, the report's canvas and sources); the
+report does not import the card.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,10 @@ import numpy as np
 import polars as pl
 
 from ..layout import final_dir
-from .buckets import usable_sampling
-from .canvas import new_figure, no_data, save_figure
-from .figures import draw_rows
-from .sources import KINDS, config_table, selected_splits, split_metadata
+from ..report.buckets import usable_sampling
+from ..report.canvas import new_figure, no_data, save_figure
+from ..report.figures import draw_rows
+from ..report.sources import KINDS, config_table, selected_splits, split_metadata
 
 CARD_FIGURE = Path("figures") / "rows_per_bucket.png"
 
