@@ -30,19 +30,15 @@ config took (``methods``).
 The package, one concern per module: :mod:`.inputs` (what a merge reads and every refusal, before anything is
 written), :mod:`.append` and :mod:`.rewrite` (the two ways), :mod:`.rounding` (rounding differences against
 conflicts), :mod:`.outputs` (the temporaries renamed into place together), :mod:`.record` (``.merged.json``)
-and :mod:`.run` (``merge_staging``, the steps in order). What a data root holds and how to read it back is
-:mod:`qk_sniffer.store`'s; the readers other modules imported from here (``MERGED_NAME``, ``final_configs``,
-``scan_chunks``, ``bucket_counts``) are re-exported until their importers use the store.
+and :mod:`.run` (``merge_staging``, the steps in order). What a data root holds and how to read it back
+(``final_configs``, ``scan_chunks``, ``bucket_counts``, ``MERGED_NAME``) is :mod:`qk_sniffer.store`'s; the
+``.merged.json`` record itself is :class:`qk_sniffer.records.MergeRecord`.
 """
 
 from __future__ import annotations
 
-from ..store import MERGED_NAME, bucket_counts, final_configs, scan_chunks
 from .errors import MergeError
 from .rounding import CONFLICT, ROUNDING, ROUNDING_RTOL, SAME, compare_vectors
 from .run import merge_staging
 
-__all__ = [
-    "CONFLICT", "MERGED_NAME", "ROUNDING", "ROUNDING_RTOL", "SAME", "MergeError", "bucket_counts", "compare_vectors",
-    "final_configs", "merge_staging", "scan_chunks",
-]
+__all__ = ["CONFLICT", "ROUNDING", "ROUNDING_RTOL", "SAME", "MergeError", "compare_vectors", "merge_staging"]
