@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import functools
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,9 +57,21 @@ def _check(value: Any, kind: type, name: str, where: str, optional: bool) -> Any
     raise RecordError(where, f"records {name} as {type(value).__name__} {value!r}, not {_KINDS[kind]}")
 
 
-def _read(cls, data: Any, where: str, version: int, types: dict[str, tuple[type, bool]]):
-    """An instance of the record dataclass ``cls`` from the parsed JSON ``data``. ``types``: per field, its JSON
-    kind and whether it may be null; a field missing from ``data`` takes its default (required when it has none)."""
+@functools.cache
+def _field_kinds(cls) -> dict[str, tuple[type, bool]]:
+    """Per field of the record dataclass ``cls``, from its annotation: the JSON kind (``dict[str, int]`` -> dict)
+    and whether it may be null (``X | None``)."""
+    kinds = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(hint, types.UnionType) else [hint]
+        kinds[name] = (typing.get_origin(args[0]) or args[0], isinstance(hint, types.UnionType))
+    return kinds
+
+
+def _read(cls, data: Any, where: str, version: int):
+    """An instance of the record dataclass ``cls`` from the parsed JSON ``data``, each field checked against its
+    annotation; a field missing from ``data`` takes its default (required when it has none)."""
+    kinds = _field_kinds(cls)
     if not isinstance(data, dict):
         raise RecordError(where, f"holds a JSON {type(data).__name__}, not an object")
     got = _check(data.get("schema_version", 1), int, "schema_version", where, False)
@@ -67,11 +82,11 @@ def _read(cls, data: Any, where: str, version: int, types: dict[str, tuple[type,
     for f in dataclasses.fields(cls):
         if f.name == "schema_version":
             continue
-        if f.name not in data or (data[f.name] is None and not types[f.name][1]):
+        if f.name not in data or (data[f.name] is None and not kinds[f.name][1]):
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise RecordError(where, f"has no {f.name}")
             continue
-        kind, optional = types[f.name]
+        kind, optional = kinds[f.name]
         values[f.name] = _check(data[f.name], kind, f.name, where, optional)
     return cls(**values)
 
@@ -114,15 +129,6 @@ class ChunkManifest:
     num_chunks: int | None = None  # written by manifests of version 1 only: their fingerprint hashed it
     schema_version: int = MANIFEST_VERSION
 
-    _TYPES = {
-        "chunk": (int, False), "split": (str, False), "config_fingerprint": (str, False), "rows": (dict, False),
-        "files": (dict, False), "example_range": (list, True), "chunk_size": (int, True), "examples": (int, False),
-        "skipped_empty": (int, False), "skipped_invalid": (int, False), "tokens": (int, False),
-        "computed_tokens": (int, False), "fingerprint_inputs": (dict, True), "sampling": (dict, True),
-        "model": (dict, False), "dataset": (dict, False), "device": (str, True), "slurm_job_id": (str, True),
-        "versions": (dict, False), "timings": (dict, False), "segments": (int, False), "resumed": (dict, True),
-        "num_chunks": (int, True),
-    }
 
     @property
     def total_rows(self) -> int:
@@ -131,7 +137,7 @@ class ChunkManifest:
     @classmethod
     def from_json(cls, data: Any, where: str | Path) -> ChunkManifest:
         where = str(where)
-        m = _read(cls, data, where, MANIFEST_VERSION, cls._TYPES)
+        m = _read(cls, data, where, MANIFEST_VERSION)
         _mapping_of(m.rows, int, "rows", where)
         _mapping_of(m.files, str, "files", where)
         if m.example_range is not None and len(m.example_range) != 2:
@@ -190,21 +196,11 @@ class MergeRecord:
     merge_s: float | None = None
     schema_version: int = MERGE_RECORD_VERSION
 
-    _TYPES = {
-        "split": (str, False), "merged_at": (str, True), "config_fingerprint": (str, True), "sampling": (dict, True),
-        "mixed_sampling": (dict, True), "configs_touched": (list, False), "methods": (dict, False),
-        "rows_added": (dict, False), "rows_added_total": (int, False), "rows_total": (dict, False),
-        "rows_split_total": (int, False), "configs": (int, False), "conflicts": (dict, False),
-        "conflicts_total": (int, False), "rounding_differences": (dict, False),
-        "rounding_differences_total": (int, False), "rounding_max_relative_difference": (float, False),
-        "rounding_tolerance": (dict, False), "chunks": (list, False), "incomplete_chunks": (list, False),
-        "run": (dict, True), "buckets": (dict, False), "merge_s": (float, True),
-    }
 
     @classmethod
     def from_json(cls, data: Any, where: str | Path) -> MergeRecord:
         where = str(where)
-        m = _read(cls, data, where, MERGE_RECORD_VERSION, cls._TYPES)
+        m = _read(cls, data, where, MERGE_RECORD_VERSION)
         _mapping_of(m.rows_total, int, "rows_total", where)
         for kind, per in m.buckets.items():
             _mapping_of(_check(per, dict, f"buckets[{kind!r}]", where, False), int, f"buckets[{kind!r}]", where)

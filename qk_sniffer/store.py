@@ -98,9 +98,19 @@ def merged_record(final: Path, split: str) -> MergeRecord | None:
     return merged if merged.split == split else None
 
 
-def card_split_record(front_matter: dict, split: str) -> dict:
+def card_splits(front_matter: dict | None) -> dict[str, dict]:
+    """The card's records of its splits (``qk_sniffer: splits:`` of its front matter): split -> record, leaving out
+    anything that is not a mapping (a hand-edited card)."""
+    own = (front_matter or {}).get("qk_sniffer")
+    splits = own.get("splits") if isinstance(own, dict) else None
+    if not isinstance(splits, dict):
+        return {}
+    return {s: rec for s, rec in splits.items() if isinstance(rec, dict)}
+
+
+def card_split_record(front_matter: dict | None, split: str) -> dict:
     """The card's record of ``split`` (``qk_sniffer: splits: <split>:`` of its front matter; empty when none)."""
-    return ((front_matter.get("qk_sniffer") or {}).get("splits") or {}).get(split) or {}
+    return card_splits(front_matter).get(split) or {}
 
 
 def recorded_sampling(final: Path, split: str, card: dict | None) -> tuple[dict | None, str | None]:

@@ -15,8 +15,9 @@ import yaml
 from .. import legacy
 from ..config import data_root, split_name
 from ..front_matter import read_front_matter
-from ..layout import atomic_write_text, final_dir, remove_stale_temps
+from ..layout import final_dir, remove_stale_temps, write_text_if_changed
 from ..report import rows_per_group
+from ..store import card_splits
 from .body import generated_body, replace_section
 from .configs import build_configs, discover
 from .figure import render_card_figure
@@ -31,7 +32,7 @@ def render_card(cfg: dict, final: Path) -> str:
     fm, body = read_front_matter(readme) if readme.is_file() else ({}, "")
     split = split_name(cfg)
     splits = discover(final)
-    previous = ((fm.get("qk_sniffer") or {}).get("splits") or {}) if isinstance(fm.get("qk_sniffer"), dict) else {}
+    previous = card_splits(fm)
     metas: dict[str, dict] = {}
     for s, configs in splits.items():
         if s == split:
@@ -73,11 +74,8 @@ def render_readme(cfg: dict, root: Path | None = None) -> Path:
     remove_stale_temps(final)
     readme = final / "README.md"
     text = render_card(cfg, final)
-    if not readme.is_file() or readme.read_text(encoding="utf-8") != text:
-        atomic_write_text(readme, text)
+    write_text_if_changed(readme, text)
     copy_to = cfg["output"].get("readme_path")
     if copy_to:
-        dest = Path(copy_to)
-        if not dest.is_file() or dest.read_text(encoding="utf-8") != text:
-            atomic_write_text(dest, text)
+        write_text_if_changed(Path(copy_to), text)
     return readme

@@ -20,6 +20,7 @@ from ..front_matter import ReadmeError, read_front_matter
 from ..layout import atomic_write_json, atomic_write_text, data_file, final_dir
 from ..parquet import write_parquet_atomic
 from ..records import utc_now
+from ..store import card_splits, merged_record
 from .convert import convert_config
 from .errors import NOTHING, MigrateError
 from .source import plan_source
@@ -28,8 +29,6 @@ log = logging.getLogger("qk_sniffer")
 
 JOURNAL = "migrate.json"
 WORK_PREFIX = ".migrate-"
-
-
 
 
 def _json(path: Path) -> dict:
@@ -41,7 +40,6 @@ def _json(path: Path) -> dict:
 
 
 def _front(final: Path) -> tuple[dict, str]:
-
     try:
         return read_front_matter(final / "README.md")
     except FileNotFoundError:
@@ -57,10 +55,9 @@ def _ours(split: str, digest: str, metas: dict, journal: dict) -> bool:
 
 
 def _check_destination(final: Path, plan: dict, metas: dict, journal: dict) -> None:
-    merged = _json(final / ".merged.json")
     for split in sorted(plan["splits"]):
         base = final / "data" / split
-        there = (base.is_dir() and any(base.iterdir())) or merged.get("split") == split or split in metas
+        there = (base.is_dir() and any(base.iterdir())) or merged_record(final, split) is not None or split in metas
         if there and not _ours(split, plan["digest"], metas, journal):
             other = " or another split (output.split_name)" if plan["layout"] == "branch" else ""
             raise MigrateError(f"split {split!r} already exists in {final} and is not the result of migrating this "
@@ -146,7 +143,7 @@ def _migrate(cfg, local, root: Path, final: Path, split: str, journal: dict, tmp
     else:
         base, where, plan = local
     fm, body = _front(final)
-    metas = ((fm.get("qk_sniffer") or {}).get("splits") or {}) if isinstance(fm.get("qk_sniffer"), dict) else {}
+    metas = card_splits(fm)
     _check_destination(final, plan, metas, journal)
     targets = {data_file(final, s, name) for s, configs in plan["splits"].items() for name, files in configs.items()
                if sum(plan["rows"][f] for f in files)}

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from ..errors import QkSnifferError
 from ..front_matter import read_front_matter
 from ..layout import final_dir, parse_config_name
-from ..store import MERGED_NAME, final_configs, merged_record, scan_chunks
+from ..store import MERGED_NAME, card_splits, final_configs, merged_record, scan_chunks
 
 KINDS = ("q", "k")  # the two kinds of config file: queries and keys
 
@@ -42,9 +42,8 @@ def split_metadata(root: Path, split: str) -> dict:
     readme = final / "README.md"
     if readme.is_file():
         fm, _ = read_front_matter(readme)
-        qs = fm.get("qk_sniffer") if isinstance(fm.get("qk_sniffer"), dict) else {}
-        rec = (qs.get("splits") or {}).get(split)
-        if isinstance(rec, dict):
+        rec = card_splits(fm).get(split)
+        if rec is not None:
             meta.update(rec)
             meta["source"] = "README.md"
     merged = merged_record(final, split)

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..front_matter import ReadmeError, read_front_matter
 from ..layout import final_dir
 from ..records import MergeRecord, RecordError, read_merge_record
-from ..store import MERGED_NAME
+from ..store import MERGED_NAME, card_splits
 from .report import VerifyReport
 
 SAMPLE_ROWS = 2000  # rows per file whose sampling decision is recomputed
@@ -73,7 +73,4 @@ class VerifyContext:
 
     def split_meta(self, split: str) -> dict | None:
         """``qk_sniffer: splits: <split>:`` of the README front matter (run metadata), if recorded."""
-        own = (self.front or {}).get("qk_sniffer")
-        splits = own.get("splits") if isinstance(own, dict) else None
-        meta = splits.get(split) if isinstance(splits, dict) else None
-        return meta if isinstance(meta, dict) else None
+        return card_splits(self.front).get(split)

@@ -1,20 +1,17 @@
-"""The staging check: ``staging/chunk-*/manifest.json`` parses, and every staged file it lists has exactly the
-row count it records (from the Parquet footer). A chunk without a manifest is unfinished, not corrupt: it is a warning. With a
-config, a chunk another config produced is a warning too (merge with this config refuses it).
+"""The staging check: ``staging/chunk-*/manifest.json`` reads as a manifest, and every staged file it lists has
+exactly the row count it records (from the Parquet footer). A chunk without a manifest is unfinished, not corrupt:
+it is a warning. With a config, a chunk another config produced is a warning too (merge with this config refuses it).
 """
 
 from __future__ import annotations
-
-import re
 
 from ..chunk.plan import manifest_fingerprint_matches
 from ..config import chunk_fingerprint
 from ..layout import staging_dir
 from ..parquet import read_footer
 from ..records import RecordError, read_manifest
+from ..store import CHUNK_DIR_RE
 from .context import VerifyContext
-
-CHUNK_DIR_RE = re.compile(r"chunk-(\d+)")
 
 
 def check_staged_chunks(ctx: VerifyContext) -> None:
